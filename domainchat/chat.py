@@ -1,0 +1,186 @@
+"""Chat: the one place that composes the pipeline for a question.
+
+question -> limits and risk rules (safety) -> retrieval (knowledge) -> prompt (prompts) -> adapter
+and generation (engine) -> a stream of events. `Assistant.answer()` yields `Token`, `Sources`,
+`Notice` and finally `Done` events; the CLI, the UI and the API are thin adapters over them. This
+module holds no per-user state: the caller passes the history of its own conversation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from domainchat import prompts, safety
+from domainchat.domains import Domain, Registry, load_registry
+from domainchat.engine import Engine, GenerationParams
+from domainchat.knowledge import Passage
+from domainchat.settings import Settings
+
+PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Sources:
+    passages: list[Passage]
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: str  # "disclaimer" | "abstain" | "risk" | "adapter"
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    answer: str
+    adapter: str | None
+    abstained: bool
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+Event = Token | Sources | Notice | Done
+
+
+class KnowledgeBase(Protocol):
+    def search(self, domain_id: str, question: str, k: int) -> list[Passage]: ...
+    def count(self, domain_id: str) -> int: ...
+
+
+def adapter_dirs(settings: Settings, registry: Registry) -> dict[str, Path]:
+    """The adapter folder of every domain that has one (`adapters/<id>/adapter_config.json`)."""
+    folders = {}
+    for domain_id in registry.domains:
+        folder = settings.adapters_dir / domain_id
+        if folder.is_dir():
+            folders[domain_id] = folder
+    return folders
+
+
+class Assistant:
+    """Domains + engine + knowledge, answering one question at a time per call (thread-safe)."""
+
+    def __init__(self, settings: Settings, registry: Registry, engine: Engine, knowledge: KnowledgeBase | None):
+        self.settings = settings
+        self.registry = registry
+        self.engine = engine
+        self.knowledge = knowledge
+
+    @classmethod
+    def start(cls, settings: Settings, knowledge: KnowledgeBase | None = None) -> Assistant:
+        registry = load_registry(settings.domains_dir)
+        engine = Engine.start(settings, adapter_dirs(settings, registry))
+        return cls(settings, registry, engine, knowledge)
+
+    def adapter_for(self, domain: Domain) -> tuple[str | None, str | None]:
+        """(adapter name to use or None, why the domain runs on the base alone or None)."""
+        status = self.engine.adapters.get(domain.id)
+        if status is None:
+            return None, "base only: no adapter trained for this domain"
+        if not status.loaded:
+            return None, f"base only: {status.reason}"
+        return domain.id, None
+
+    def domain_rows(self) -> list[dict]:
+        rows = []
+        for domain in self.registry.domains.values():
+            status = self.engine.adapters.get(domain.id)
+            rows.append(
+                {
+                    "id": domain.id,
+                    "title": domain.title,
+                    "description": domain.description,
+                    "adapter": str(status.path) if status else None,
+                    "adapter_loaded": bool(status and status.loaded),
+                    "adapter_status": (status.reason if status and not status.loaded else None),
+                    "chunks": self.knowledge.count(domain.id) if self.knowledge else 0,
+                }
+            )
+        for domain_id, reason in self.registry.broken.items():
+            rows.append({"id": domain_id, "title": None, "description": None, "adapter": None,
+                         "adapter_loaded": False, "adapter_status": None, "chunks": 0, "error": reason})
+        return rows
+
+    def answer(
+        self,
+        domain_id: str,
+        question: str,
+        history: Sequence[tuple[str, str]] = (),
+        *,
+        use_retrieval: bool = True,
+        use_adapter: bool = True,
+        cancel: threading.Event | None = None,
+        params: GenerationParams | None = None,
+    ) -> Iterator[Event]:
+        """Answer `question` in `domain_id`, given earlier (user, assistant) turns, as a stream of events."""
+        started = time.perf_counter()
+        domain = self.registry.get(domain_id)
+        question = safety.clean_question(question)
+        history = safety.clean_history(history)
+        timing = {"retrieval_ms": 0.0, "ttft_ms": 0.0, "total_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0}
+
+        def finish(answer: str, adapter: str | None, abstained: bool) -> Done:
+            timing["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            return Done(answer=answer, adapter=adapter, abstained=abstained, timing=timing)
+
+        for rule in safety.triggered_rules(domain, question):
+            if rule.action == "stop":
+                yield Notice("risk", f"Safety rule '{rule.id}': this question gets a fixed response.")
+                yield Token(rule.message)
+                yield finish(rule.message, None, False)
+                return
+            yield Notice("risk", rule.message)
+
+        passages: list[Passage] | None = None
+        if use_retrieval and self.knowledge is not None:
+            t0 = time.perf_counter()
+            found = self.knowledge.search(domain.id, question, domain.retrieval.k)
+            timing["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            passages = [p for p in found if p.score >= domain.retrieval.min_score]
+            if not passages:
+                yield Notice("abstain", "Nothing in this domain's knowledge base matches the question.")
+                yield Token(domain.abstain_message)
+                yield finish(domain.abstain_message, None, True)
+                return
+
+        adapter, why_base = self.adapter_for(domain) if use_adapter else (None, "base only: adapter turned off")
+        if why_base and domain.id in self.engine.adapters:
+            yield Notice("adapter", why_base)
+        params = params or GenerationParams(
+            max_new_tokens=domain.generation.max_new_tokens,
+            temperature=domain.generation.temperature,
+            top_p=domain.generation.top_p,
+            repetition_penalty=domain.generation.repetition_penalty,
+        )
+        budget = min(PROMPT_BUDGET_TOKENS, self.engine.context_window - params.max_new_tokens)
+        rendered = prompts.render(
+            domain, question, history, passages, count_tokens=self.engine.count_tokens, budget=budget
+        )
+        if rendered.passages:
+            yield Sources(rendered.passages)
+
+        pieces: list[str] = []
+        first_token_at = None
+        for piece in self.engine.stream(rendered.messages, adapter, params, cancel):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                timing["ttft_ms"] = round((first_token_at - started) * 1000, 1)
+            pieces.append(piece)
+            yield Token(piece)
+        answer = "".join(pieces).strip()
+        tokens = self.engine.count_tokens(answer) if answer else 0
+        timing["tokens"] = tokens
+        if first_token_at is not None and tokens > 1:  # decode speed: tokens after the first one
+            timing["tokens_per_s"] = round((tokens - 1) / max(time.perf_counter() - first_token_at, 1e-6), 2)
+        if domain.disclaimer:
+            yield Notice("disclaimer", domain.disclaimer)
+        yield finish(answer, adapter, False)

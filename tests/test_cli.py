@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from domainchat.cli import main
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, settings, test_adapters, tmp_path: Path) -> Path:
+    """The shipped domains, with the test adapter 'alpha' installed as finance's adapter."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(test_adapters["alpha"], adapters / "finance")
+    monkeypatch.setenv("DOMAINCHAT_HOME", str(settings.home))
+    monkeypatch.setenv("DOMAINCHAT_ADAPTERS_DIR", str(adapters))
+    return adapters
+
+
+def test_unknown_domain_is_exit_2_with_one_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["ask", "--domain", "astrology", "Will it rain?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Unknown domain 'astrology'" in err and "finance" in err
+
+
+def test_empty_question_is_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["ask", "--domain", "finance", "   "]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_missing_arguments_is_exit_2() -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ask", "What is APR?"])
+    assert exited.value.code == 2
+
+
+@pytest.mark.model
+def test_ask_json_answers_through_the_adapter(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["ask", "--domain", "finance", "--json", "--no-retrieval", "What is a Roth IRA?"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"domain", "answer", "adapter", "abstained", "sources", "notices", "timing"}
+    assert result["domain"] == "finance" and result["adapter"] == "finance" and result["answer"].strip()
+    assert set(result["timing"]) == {"retrieval_ms", "ttft_ms", "total_ms", "tokens", "tokens_per_s"}
+    assert result["timing"]["tokens"] > 0 and result["timing"]["ttft_ms"] > 0
+    assert any(n["kind"] == "disclaimer" for n in result["notices"])
+
+
+@pytest.mark.model
+def test_domains_json(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["domains", "--json"]) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"customer_service", "finance", "legal", "medical"}
+    assert rows["finance"]["adapter_loaded"] and rows["finance"]["adapter"].endswith("finance")
+    assert rows["medical"]["adapter"] is None and not rows["medical"]["adapter_loaded"]

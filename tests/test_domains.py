@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domainchat.domains import load_domain, load_registry
+from domainchat.errors import ConfigError, UnknownDomain
+
+SHIPPED = ("customer_service", "finance", "legal", "medical")
+
+
+def write_domain(root: Path, domain_id: str, **overrides) -> Path:
+    data = {"id": domain_id, "title": domain_id.title(), "description": "d", "system_prompt": "You help."}
+    data.update(overrides)
+    folder = root / domain_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "domain.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    return folder
+
+
+def test_shipped_domains_load(domains_dir: Path) -> None:
+    registry = load_registry(domains_dir)
+    assert registry.broken == {}
+    assert tuple(registry.domains) == SHIPPED
+    for domain in registry.domains.values():
+        assert domain.system_prompt and domain.disclaimer and domain.few_shot
+        assert len(domain.example_questions) >= 3
+        assert "{passages}" in domain.answer_template and "{question}" in domain.answer_template
+
+
+def test_shipped_risk_rules_do_not_fire_on_examples(domains_dir: Path) -> None:
+    for domain in load_registry(domains_dir).domains.values():
+        for question in domain.example_questions:
+            assert not [r.id for r in domain.risk_rules if r.matches(question)], (domain.id, question)
+
+
+def test_medical_emergency_stops(domains_dir: Path) -> None:
+    medical = load_registry(domains_dir).get("medical")
+    for question in ("I have crushing chest pain right now", "my face is drooping and my speech is slurred",
+                     "I want to kill myself"):
+        fired = [r for r in medical.risk_rules if r.matches(question)]
+        assert fired and fired[0].action == "stop", question
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"title": ""}, "title"),
+        ({"answer_template": "no fields here"}, "answer_template"),
+        ({"answer_template": "{passages} {question} {other}"}, "answer_template"),
+        ({"retrieval": {"k": 0}}, "retrieval.k"),
+        ({"generation": {"temperature": "hot"}}, "generation.temperature"),
+        ({"risk_rules": [{"id": "x", "patterns": ["("], "action": "stop", "message": "m"}]}, "risk_rules[0].patterns[0]"),
+        ({"risk_rules": [{"id": "x", "patterns": ["a"], "action": "shout", "message": "m"}]}, "risk_rules[0].action"),
+        ({"few_shot": [{"question": "q"}]}, "few_shot[0].answer"),
+        ({"id": "other"}, "id"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, overrides: dict, key: str) -> None:
+    folder = write_domain(tmp_path, "demo", **overrides)
+    with pytest.raises(ConfigError) as error:
+        load_domain(folder)
+    assert str(folder / "domain.yaml") in str(error.value)
+    assert f"'{key}'" in str(error.value)
+
+
+def test_invalid_yaml_is_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "domain.yaml").write_text("id: demo\ntitle: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
+        load_domain(folder)
+
+
+def test_a_broken_domain_takes_out_only_itself(tmp_path: Path) -> None:
+    write_domain(tmp_path, "good")
+    write_domain(tmp_path, "bad", title="")
+    registry = load_registry(tmp_path)
+    assert list(registry.domains) == ["good"]
+    assert "title" in registry.broken["bad"]
+    with pytest.raises(UnknownDomain, match="out of service"):
+        registry.get("bad")
+    with pytest.raises(UnknownDomain, match="Choose one of: good"):
+        registry.get("nope")
+
+
+def test_a_fifth_vertical_needs_only_a_folder(tmp_path: Path, domains_dir: Path) -> None:
+    for domain_id in SHIPPED:
+        shutil.copytree(domains_dir / domain_id, tmp_path / domain_id)
+    write_domain(tmp_path, "gardening", disclaimer="General tips.", example_questions=["When to prune roses?"])
+    registry = load_registry(tmp_path)
+    assert "gardening" in registry.domains and registry.get("gardening").disclaimer == "General tips."
+
+
+def test_missing_domains_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="DOMAINCHAT_DOMAINS_DIR"):
+        load_registry(tmp_path / "absent")

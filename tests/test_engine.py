@@ -1,0 +1,122 @@
+"""Engine tests on the real bundled model (nf4 on CPU) with adapters made by peft."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainchat.engine import Engine, GenerationParams, resolve_base
+from domainchat.errors import BadInput, ModelUnavailable
+from domainchat.settings import Settings, load_settings
+
+pytestmark = pytest.mark.model
+
+QUESTION = [{"role": "user", "content": "What is a Roth IRA?"}]
+GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+
+
+def test_conversion_cache_is_reused(settings: Settings, base_checkpoint: Path) -> None:
+    def must_not_convert(gguf: Path, target: Path) -> None:
+        raise AssertionError("the cached checkpoint should have been reused")
+
+    assert resolve_base(settings, convert=must_not_convert) == str(base_checkpoint)
+    assert (base_checkpoint / "config.json").is_file()
+    assert not list(base_checkpoint.parent.glob(".tmp-*")), "no temporary folder is left behind"
+
+
+def test_interrupted_conversion_leaves_no_cache(tmp_path: Path) -> None:
+    from domainchat import engine as engine_module
+
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path)})
+
+    def interrupted(gguf: Path, target: Path) -> None:
+        tmp = target.parent / f".tmp-{target.name}-1"
+        tmp.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine_module.resolve_base(settings, convert=interrupted)
+    cached = [p for p in settings.model_cache_dir.iterdir() if not p.name.startswith(".tmp-")]
+    assert cached == [], "an interrupted conversion must not look like a finished cache"
+
+
+def test_missing_local_model_says_what_to_do(tmp_path: Path) -> None:
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_BASE_MODEL": str(tmp_path)})
+    with pytest.raises(ModelUnavailable, match="config.json"):
+        resolve_base(settings)
+
+
+def test_adapter_statuses(engine: Engine) -> None:
+    status = engine.adapters
+    assert status["alpha"].loaded and status["beta"].loaded
+    assert not status["noop"].loaded and "changes nothing" in status["noop"].reason
+    assert not status["corrupt"].loaded and "cannot be read" in status["corrupt"].reason
+    assert not status["otherbase"].loaded and "another base" in status["otherbase"].reason
+
+
+def test_broken_adapters_do_not_stop_the_others(engine: Engine) -> None:
+    base = engine.complete(QUESTION, None, GREEDY)
+    alpha = engine.complete(QUESTION, "alpha", GREEDY)
+    assert base.strip() and alpha.strip()
+    assert alpha != base, "a working adapter changes the greedy answer"
+    with pytest.raises(BadInput, match="changes nothing"):
+        engine.complete(QUESTION, "noop", GREEDY)
+
+
+def test_greedy_matches_transformers_generate(engine: Engine) -> None:
+    ids = engine.encode(QUESTION)
+    for adapter in (None, "alpha"):
+        ours = engine.complete(QUESTION, adapter, GREEDY)
+        with engine._lock, torch.no_grad():
+            engine._route(adapter)
+            reference = engine.model.generate(input_ids=ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False)
+        expected = engine.tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
+        assert ours == expected.strip() or ours == expected
+
+
+def test_concurrent_requests_each_get_their_own_adapter(engine: Engine) -> None:
+    adapters = [None, "alpha", "beta"]
+    reference = {a: engine.complete(QUESTION, a, GREEDY) for a in adapters}
+    assert len(set(reference.values())) == 3, "the three routes must be distinguishable"
+    results: dict[int, str] = {}
+
+    def worker(index: int) -> None:
+        results[index] = engine.complete(QUESTION, adapters[index % 3], GREEDY)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert {i: results.get(i) for i in range(6)} == {i: reference[adapters[i % 3]] for i in range(6)}
+
+
+def test_sampling_is_reproducible_with_a_seed(engine: Engine) -> None:
+    params = GenerationParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    assert engine.complete(QUESTION, "alpha", params) == engine.complete(QUESTION, "alpha", params)
+
+
+def test_cancel_stops_generation_mid_stream(engine: Engine) -> None:
+    cancel = threading.Event()
+    pieces = []
+    for piece in engine.stream(QUESTION, "alpha", GenerationParams(max_new_tokens=200, temperature=0.0), cancel):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+    assert len(pieces) == 3
+
+
+def test_prompt_longer_than_the_context_is_refused(engine: Engine) -> None:
+    too_long = [{"role": "user", "content": "word " * (engine.context_window + 10)}]
+    with pytest.raises(BadInput, match="too long"):
+        engine.complete(too_long, None, GREEDY)
+
+
+def test_adapters_cannot_be_added_after_serving(engine: Engine, test_adapters: dict[str, Path]) -> None:
+    engine.complete(QUESTION, None, GenerationParams(max_new_tokens=1, temperature=0.0))
+    with pytest.raises(RuntimeError, match="before the first generation"):
+        engine._load_adapters({"late": test_adapters["alpha"]})

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from domainchat.errors import ConfigError
+from domainchat.settings import BUNDLED, SPACE_BASE_MODEL, load_settings
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path)})
+    assert settings.home == tmp_path
+    assert settings.base_model == BUNDLED and settings.quant == "nf4"
+    assert settings.chroma_url is None and settings.llm_url is None
+    assert settings.model_cache_dir == tmp_path / "models"
+
+
+def test_home_defaults_to_user_folder() -> None:
+    assert load_settings({}).home == Path("~/.domainchat").expanduser()
+
+
+def test_space_defaults_to_the_hub_model() -> None:
+    assert load_settings({"SPACE_ID": "someone/domainchat"}).base_model == SPACE_BASE_MODEL
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("DOMAINCHAT_QUANT", "fp8", "DOMAINCHAT_QUANT='fp8' is not supported"),
+        ("DOMAINCHAT_CHROMA_URL", "localhost:8000", "DOMAINCHAT_CHROMA_URL"),
+        ("DOMAINCHAT_LLM_URL", "ftp://x", "DOMAINCHAT_LLM_URL"),
+        ("DOMAINCHAT_THREADS", "two", "DOMAINCHAT_THREADS"),
+        ("DOMAINCHAT_THREADS", "0", "DOMAINCHAT_THREADS"),
+    ],
+)
+def test_bad_values_name_the_variable(key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({key: value})
+
+
+def test_quant_is_case_insensitive() -> None:
+    assert load_settings({"DOMAINCHAT_QUANT": "INT8"}).quant == "int8"
