@@ -18,7 +18,7 @@ from typing import Protocol
 from domainchat import prompts, safety
 from domainchat.domains import Domain, Registry, load_registry
 from domainchat.engine import Engine, GenerationParams
-from domainchat.knowledge import Passage
+from domainchat.knowledge import KnowledgeStore, Passage
 from domainchat.settings import Settings
 
 PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
@@ -66,6 +66,12 @@ def adapter_dirs(settings: Settings, registry: Registry) -> dict[str, Path]:
     return folders
 
 
+def sync_knowledge(store: KnowledgeStore, settings: Settings, registry: Registry) -> dict[str, dict]:
+    """Ingest what changed in each domain's `knowledge/<id>/` folder; returns the reports."""
+    return {domain_id: store.sync_folder(domain_id, settings.knowledge_dir / domain_id).to_json()
+            for domain_id in registry.domains}
+
+
 class Assistant:
     """Domains + engine + knowledge, answering one question at a time per call (thread-safe)."""
 
@@ -77,7 +83,13 @@ class Assistant:
 
     @classmethod
     def start(cls, settings: Settings, knowledge: KnowledgeBase | None = None) -> Assistant:
+        """Load domains, the engine with every domain's adapter, and the knowledge store, bringing
+        each domain's store up to date with `knowledge/<id>/` (cheap when nothing changed)."""
         registry = load_registry(settings.domains_dir)
+        if knowledge is None:
+            store = KnowledgeStore.open(settings.home, settings.chroma_url)
+            sync_knowledge(store, settings, registry)
+            knowledge = store
         engine = Engine.start(settings, adapter_dirs(settings, registry))
         return cls(settings, registry, engine, knowledge)
 
@@ -160,6 +172,7 @@ class Assistant:
             temperature=domain.generation.temperature,
             top_p=domain.generation.top_p,
             repetition_penalty=domain.generation.repetition_penalty,
+            no_repeat_ngram=domain.generation.no_repeat_ngram,
         )
         budget = min(PROMPT_BUDGET_TOKENS, self.engine.context_window - params.max_new_tokens)
         rendered = prompts.render(

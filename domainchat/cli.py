@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from domainchat.errors import DomainchatError
+from domainchat.errors import BadInput, DomainchatError
 
 EXIT_BAD_INPUT = 2
 
@@ -99,6 +99,61 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from domainchat.domains import load_registry
+    from domainchat.knowledge import KnowledgeStore
+    from domainchat.settings import load_settings
+
+    settings = load_settings()
+    domain = load_registry(settings.domains_dir).get(args.domain)
+    store = KnowledgeStore.open(settings.home, settings.chroma_url)
+    with tqdm(total=0, unit="file", desc=f"ingest {domain.id}", disable=args.json, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int, current: str) -> None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(current[-40:], refresh=True)
+
+        report = store.ingest(domain.id, [Path(p) for p in args.paths], progress=progress)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(f"{report.files} files: {report.chunks_added} chunks added, {report.chunks_unchanged} unchanged, "
+              f"{report.chunks_removed} removed; {store.count(domain.id)} chunks in '{domain.id}'.")
+        for error in report.errors:
+            print(f"error: {error['error']}", file=sys.stderr)
+    return EXIT_BAD_INPUT if report.errors else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from domainchat import evaluate
+
+    assistant = _start_assistant()
+    domain_ids = [assistant.registry.get(args.domain).id] if args.domain else list(assistant.registry.domains)
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in evaluate.CONFIGS]
+    if unknown:
+        raise BadInput(f"unknown configuration {unknown[0]!r}; choose from {', '.join(evaluate.CONFIGS)}.")
+    with tqdm(desc="eval", unit="answer", disable=args.json, file=sys.stderr) as bar:
+        report = evaluate.run_eval(assistant, domain_ids, configs, args.limit,
+                                   progress=lambda what: (bar.set_postfix_str(what), bar.update()))
+    written = evaluate.write_report(report, Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(evaluate.markdown(report))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domainchat", description="A vertical-domain chatbot.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     domains.add_argument("--json", action="store_true")
     domains.set_defaults(run=cmd_domains)
 
+    ingest = sub.add_parser("ingest", help="add files or folders to a domain's knowledge base")
+    ingest.add_argument("--domain", required=True)
+    ingest.add_argument("--json", action="store_true")
+    ingest.add_argument("paths", nargs="+", metavar="PATH")
+    ingest.set_defaults(run=cmd_ingest)
+
     ask = sub.add_parser("ask", help="answer one question")
     ask.add_argument("--domain", required=True)
     ask.add_argument("--json", action="store_true")
@@ -114,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--no-adapter", action="store_true", help="answer with the base model alone")
     ask.add_argument("question", nargs="+")
     ask.set_defaults(run=cmd_ask)
+    evaluation = sub.add_parser("eval", help="measure retrieval and answer quality on each domain's eval.jsonl")
+    evaluation.add_argument("--domain")
+    evaluation.add_argument("--out", default="out/eval")
+    evaluation.add_argument("--json", action="store_true")
+    evaluation.add_argument("--configs", default="base,base+rag,adapter,adapter+rag",
+                            help="comma-separated: base, base+rag, adapter, adapter+rag")
+    evaluation.add_argument("--limit", type=int, help="at most this many answerable questions per domain")
+    evaluation.set_defaults(run=cmd_eval)
     return parser
 
 

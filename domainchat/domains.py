@@ -67,6 +67,7 @@ class GenerationSettings:
     temperature: float = 0.3
     top_p: float = 0.9
     repetition_penalty: float = 1.1
+    no_repeat_ngram: int = 4
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def load_domain(folder: Path) -> Domain:
             temperature=float(generation.number("temperature", 0.3, 0.0, 2.0)),
             top_p=float(generation.number("top_p", 0.9, 0.01, 1.0)),
             repetition_penalty=float(generation.number("repetition_penalty", 1.1, 1.0, 2.0)),
+            no_repeat_ngram=int(generation.number("no_repeat_ngram", 4, 0, 20, integer=True)),
         ),
         example_questions=tuple(examples),
         training=dict(training),

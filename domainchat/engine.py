@@ -46,6 +46,9 @@ class GenerationParams:
     temperature: float = 0.3  # 0 means greedy
     top_p: float = 0.9
     repetition_penalty: float = 1.1
+    # Ban a token that would repeat an n-gram the reply already contains (0: off). Unlike
+    # transformers' option this looks at the reply only, so quoting a passage stays possible.
+    no_repeat_ngram: int = 0
     seed: int | None = None
 
 
@@ -206,11 +209,24 @@ def _adapter_shape_problem(path: Path, base: torch.nn.Module) -> str | None:
 # --------------------------------------------------------------------------- sampling
 
 
+def _banned_by_ngram(generated: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `generated`."""
+    if n <= 0 or len(generated) < n:
+        return []
+    prefix = tuple(generated[len(generated) - n + 1:])
+    return [generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i:i + n - 1]) == prefix]
+
+
 def _next_token(
-    logits: torch.Tensor, seen: torch.Tensor, params: GenerationParams, generator: torch.Generator | None
+    logits: torch.Tensor, seen: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
+    generated: Sequence[int] = (),
 ) -> int:
     """One token from the last position's logits, the way transformers' generate would pick it."""
     logits = logits.float()
+    banned = _banned_by_ngram(generated, params.no_repeat_ngram)
+    if banned:
+        logits = logits.clone()
+        logits[banned] = float("-inf")
     if params.repetition_penalty != 1.0:
         scores = logits.gather(0, seen)
         scores = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
@@ -392,7 +408,7 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     return
                 logits = self._forward(step_input, adapter, cache).logits[0, -1].cpu()
-                token = _next_token(logits, seen, params, generator)
+                token = _next_token(logits, seen, params, generator, generated)
                 if token in self._stop_ids:
                     break
                 generated.append(token)

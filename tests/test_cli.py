@@ -54,3 +54,26 @@ def test_domains_json(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
     assert set(rows) == {"customer_service", "finance", "legal", "medical"}
     assert rows["finance"]["adapter_loaded"] and rows["finance"]["adapter"].endswith("finance")
     assert rows["medical"]["adapter"] is None and not rows["medical"]["adapter_loaded"]
+
+
+def test_ingest_reports_per_file_and_exits_2_on_bad_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("DOMAINCHAT_HOME", str(tmp_path / "home"))
+    good = tmp_path / "fees.md"
+    good.write_text("# Fees\n\n## Expense ratios\nAn expense ratio of 0.05% costs $5 a year per $10,000.")
+    bad = tmp_path / "notes.docx"
+    bad.write_bytes(b"PK")
+    assert main(["ingest", "--domain", "finance", "--json", str(good), str(bad)]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"domain", "files", "chunks_added", "chunks_unchanged", "chunks_removed", "errors"}
+    assert report["files"] == 1 and report["chunks_added"] >= 1
+    assert report["errors"] == [{"file": "notes.docx", "error": report["errors"][0]["error"]}]
+    assert main(["ingest", "--domain", "finance", "--json", str(good)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["chunks_added"] == 0 and again["chunks_unchanged"] == report["chunks_added"]
+
+
+def test_ingest_unknown_domain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("DOMAINCHAT_HOME", str(tmp_path / "home"))
+    assert main(["ingest", "--domain", "astrology", str(tmp_path)]) == 2
+    assert "Unknown domain" in capsys.readouterr().err

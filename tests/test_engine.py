@@ -120,3 +120,22 @@ def test_adapters_cannot_be_added_after_serving(engine: Engine, test_adapters: d
     engine.complete(QUESTION, None, GenerationParams(max_new_tokens=1, temperature=0.0))
     with pytest.raises(RuntimeError, match="before the first generation"):
         engine._load_adapters({"late": test_adapters["alpha"]})
+
+
+def test_no_repeat_ngram_blocks_loops_in_the_reply_only() -> None:
+    from domainchat.engine import _banned_by_ngram
+
+    assert _banned_by_ngram([5, 6, 7, 5, 6], 3) == [7]
+    assert _banned_by_ngram([5, 6, 7, 5, 6], 0) == []
+    assert _banned_by_ngram([1, 2], 3) == []
+
+
+def test_no_repeat_ngram_steers_greedy_away_from_a_loop() -> None:
+    from domainchat.engine import _next_token
+
+    logits = torch.tensor([0.0, 5.0, 4.0, 1.0])  # token 1 is the greedy choice
+    seen = torch.tensor([3, 1, 3])
+    greedy = GenerationParams(temperature=0.0, repetition_penalty=1.0)
+    assert _next_token(logits, seen, greedy, None, generated=[3, 1, 3]) == 1
+    blocked = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=2)
+    assert _next_token(logits, seen, blocked, None, generated=[3, 1, 3]) == 2  # "3 1" would repeat

@@ -1,0 +1,122 @@
+"""Chat pipeline tests: real domains, real knowledge store; the engine is a recording stand-in,
+since these tests are about how chat composes the steps, not about generation (see test_engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from domainchat.chat import Assistant, Done, Notice, Sources, Token
+from domainchat.domains import load_registry
+from domainchat.engine import AdapterStatus
+from domainchat.errors import BadInput, UnknownDomain
+from domainchat.settings import load_settings
+
+
+class RecordingEngine:
+    context_window = 8192
+
+    def __init__(self, adapters: dict[str, AdapterStatus] | None = None) -> None:
+        self.adapters = adapters or {}
+        self.calls: list[tuple[list[dict], str | None]] = []
+
+    def available(self, name: str | None) -> bool:
+        return name is None or (name in self.adapters and self.adapters[name].loaded)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(self, messages, adapter=None, params=None, cancel=None):
+        self.calls.append((list(messages), adapter))
+        yield from ["An ", "answer ", "[1]."]
+
+
+@pytest.fixture
+def assistant(store, tmp_path: Path, domains_dir: Path) -> Assistant:
+    folder = tmp_path / "knowledge"
+    folder.mkdir()
+    (folder / "ira.md").write_text("# IRAs\n\n## Roth IRA\nA Roth IRA holds after-tax money; the 2025 limit is $7,000.\n")
+    store.ingest("finance", [folder])
+    engine = RecordingEngine({"finance": AdapterStatus("finance", tmp_path, True),
+                              "legal": AdapterStatus("legal", tmp_path, False, "adapter unavailable: corrupt")})
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path / "home")})
+    return Assistant(settings, load_registry(domains_dir), engine, store)
+
+
+def run(assistant: Assistant, *args, **kwargs) -> list:
+    return list(assistant.answer(*args, **kwargs))
+
+
+def test_grounded_answer_events(assistant: Assistant) -> None:
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Sources", "Token", "Token", "Token", "Notice", "Done"]
+    sources = events[0].passages
+    assert sources[0].source == "ira.md" and sources[0].score >= 0.3
+    done = events[-1]
+    assert done.answer == "An answer [1]." and done.adapter == "finance" and not done.abstained
+    assert events[-2].kind == "disclaimer"
+    messages, adapter = assistant.engine.calls[0]
+    assert adapter == "finance" and "$7,000" in messages[-1]["content"] and "[1]" in messages[-1]["content"]
+
+
+def test_abstains_when_nothing_clears_the_threshold(assistant: Assistant) -> None:
+    events = run(assistant, "finance", "Who painted the Mona Lisa?")
+    assert [e.kind for e in events if isinstance(e, Notice)] == ["abstain"]
+    done = events[-1]
+    assert done.abstained and done.answer == assistant.registry.get("finance").abstain_message
+    assert assistant.engine.calls == [], "abstaining must not generate"
+
+
+def test_stop_rule_answers_before_anything_else(assistant: Assistant) -> None:
+    events = run(assistant, "medical", "I have crushing chest pain right now")
+    medical = assistant.registry.get("medical")
+    rule = next(r for r in medical.risk_rules if r.id == "chest_pain")
+    assert isinstance(events[0], Notice) and events[0].kind == "risk"
+    assert "".join(e.text for e in events if isinstance(e, Token)) == rule.message
+    assert events[-1].answer == rule.message and assistant.engine.calls == []
+
+
+def test_notice_rule_warns_then_answers(assistant: Assistant) -> None:
+    finance = assistant.registry.get("finance")
+    question = "Which stock should I buy to double my money?"
+    assert any(r.action == "notice" and r.matches(question) for r in finance.risk_rules)
+    events = run(assistant, "finance", question)
+    assert isinstance(events[0], Notice) and events[0].kind == "risk"
+
+
+def test_unavailable_adapter_falls_back_to_base_with_a_notice(assistant: Assistant, store, tmp_path: Path) -> None:
+    (tmp_path / "lease.md").write_text("# Leases\n\n## Security deposits\nLandlords must return a security deposit.")
+    store.ingest("legal", [tmp_path / "lease.md"])
+    events = run(assistant, "legal", "When must a landlord return a security deposit?")
+    adapter_notices = [e.text for e in events if isinstance(e, Notice) and e.kind == "adapter"]
+    assert adapter_notices == ["base only: adapter unavailable: corrupt"]
+    assert events[-1].adapter is None and assistant.engine.calls[-1][1] is None
+
+
+def test_no_retrieval_and_no_adapter_switches(assistant: Assistant) -> None:
+    events = run(assistant, "finance", "What is the Roth IRA limit?", use_retrieval=False, use_adapter=False)
+    assert not [e for e in events if isinstance(e, Sources)]
+    messages, adapter = assistant.engine.calls[0]
+    assert adapter is None and messages[-1]["content"] == "What is the Roth IRA limit?"
+
+
+def test_history_reaches_the_prompt(assistant: Assistant) -> None:
+    run(assistant, "finance", "And the Roth IRA limit?", [("What is an IRA?", "An individual retirement account.")])
+    messages, _ = assistant.engine.calls[0]
+    assert {"role": "assistant", "content": "An individual retirement account."} in messages
+
+
+def test_bad_requests(assistant: Assistant) -> None:
+    with pytest.raises(UnknownDomain):
+        run(assistant, "astrology", "Will it rain?")
+    with pytest.raises(BadInput):
+        run(assistant, "finance", " \x00 ")
+
+
+def test_done_carries_timing(assistant: Assistant) -> None:
+    done = run(assistant, "finance", "What is the Roth IRA limit?")[-1]
+    assert isinstance(done, Done)
+    assert set(done.timing) == {"retrieval_ms", "ttft_ms", "total_ms", "tokens", "tokens_per_s"}
+    assert done.timing["retrieval_ms"] > 0 and done.timing["total_ms"] >= done.timing["ttft_ms"]
