@@ -84,14 +84,27 @@ class Assistant:
     @classmethod
     def start(cls, settings: Settings, knowledge: KnowledgeBase | None = None) -> Assistant:
         """Load domains, the engine with every domain's adapter, and the knowledge store, bringing
-        each domain's store up to date with `knowledge/<id>/` (cheap when nothing changed)."""
+        each domain's store up to date with `knowledge/<id>/` (cheap when nothing changed). The
+        knowledge side runs in a thread beside the model load, and both are warmed up, so that the
+        first question does not pay for loading the embedder or repacking the 4-bit weights."""
+        from concurrent.futures import ThreadPoolExecutor
+
         registry = load_registry(settings.domains_dir)
-        if knowledge is None:
+
+        def open_knowledge() -> KnowledgeBase:
+            if knowledge is not None:
+                return knowledge
             store = KnowledgeStore.open(settings.home, settings.chroma_url)
             sync_knowledge(store, settings, registry)
-            knowledge = store
-        engine = Engine.start(settings, adapter_dirs(settings, registry))
-        return cls(settings, registry, engine, knowledge)
+            store.embeddings.embed_query("warm up")
+            return store
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = pool.submit(open_knowledge)
+            engine = Engine.start(settings, adapter_dirs(settings, registry))
+            engine.warm_up()
+            store = opening.result()
+        return cls(settings, registry, engine, store)
 
     def adapter_for(self, domain: Domain) -> tuple[str | None, str | None]:
         """(adapter name to use or None, why the domain runs on the base alone or None)."""

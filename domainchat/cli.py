@@ -41,6 +41,13 @@ def _start_assistant():
     return Assistant.start(load_settings())
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from domainchat.ui import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
 def cmd_domains(args: argparse.Namespace) -> int:
     rows = _start_assistant().domain_rows()
     if args.json:
@@ -157,6 +164,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domainchat", description="A vertical-domain chatbot.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the web app (UI at /, API at /v1)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.set_defaults(run=cmd_serve)
 
     domains = sub.add_parser("domains", help="list domains, their adapters and knowledge")
     domains.add_argument("--json", action="store_true")

@@ -341,6 +341,11 @@ class Engine:
             tuned = self._forward(ids, name, None).logits[0, -1]
         return float((tuned.float() - base.float()).abs().max())
 
+    def warm_up(self) -> None:
+        """One forward pass, so the first request does not pay for bitsandbytes' weight repacking."""
+        with torch.no_grad():
+            self._forward(self.encode(CANARY_MESSAGES), None, None)
+
     def _route(self, name: str | None) -> None:
         """Point the model at adapter `name` (None: the base alone). Call with the lock held."""
         if name == self._active or not self.has_peft:
