@@ -46,6 +46,7 @@ class Done:
     adapter: str | None
     abstained: bool
     timing: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
 
 Event = Token | Sources | Notice | Done
@@ -153,9 +154,11 @@ class Assistant:
         history = safety.clean_history(history)
         timing = {"retrieval_ms": 0.0, "ttft_ms": 0.0, "total_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0}
 
+        prompt_tokens = 0
+
         def finish(answer: str, adapter: str | None, abstained: bool) -> Done:
             timing["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            return Done(answer=answer, adapter=adapter, abstained=abstained, timing=timing)
+            return Done(answer=answer, adapter=adapter, abstained=abstained, timing=timing, prompt_tokens=prompt_tokens)
 
         for rule in safety.triggered_rules(domain, question):
             if rule.action == "stop":
@@ -191,6 +194,7 @@ class Assistant:
         rendered = prompts.render(
             domain, question, history, passages, count_tokens=self.engine.count_tokens, budget=budget
         )
+        prompt_tokens = rendered.tokens
         if rendered.passages:
             yield Sources(rendered.passages)
 

@@ -136,6 +136,37 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if report.errors else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from domainchat import train
+    from domainchat.chat import sync_knowledge
+    from domainchat.domains import load_registry
+    from domainchat.knowledge import KnowledgeStore
+    from domainchat.settings import load_settings
+
+    settings = load_settings()
+    registry = load_registry(settings.domains_dir)
+    domain = registry.get(args.domain)
+    config = train.TrainingConfig.from_domain(domain, epochs=args.epochs, max_steps=args.max_steps, qlora=args.qlora)
+    out = Path(args.out) if args.out else settings.adapters_dir / domain.id
+    store = KnowledgeStore.open(settings.home, settings.chroma_url)
+    sync_knowledge(store, settings, registry)
+    with tqdm(total=0, unit="step", desc=f"train {domain.id}", file=sys.stderr) as bar:
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=True)
+
+        result = train.train(settings, domain, store, config, out, force=args.force, progress=progress)
+    print(f"adapter written to {result.out} ({result.steps} steps, {result.seconds:.0f} s, "
+          f"held-out loss {result.held_out_loss if result.held_out_loss is not None else 'n/a'})")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -187,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--no-adapter", action="store_true", help="answer with the base model alone")
     ask.add_argument("question", nargs="+")
     ask.set_defaults(run=cmd_ask)
+    training = sub.add_parser("train", help="train a domain's LoRA adapter on its train.jsonl")
+    training.add_argument("--domain", required=True)
+    training.add_argument("--epochs", type=float)
+    training.add_argument("--max-steps", type=int)
+    training.add_argument("--out", help="adapter folder (default: adapters/<id>)")
+    training.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=None,
+                          help="train on the 4-bit base (default) or, with --no-qlora, on the fp32 base")
+    training.add_argument("--force", action="store_true", help="replace an existing adapter")
+    training.set_defaults(run=cmd_train)
+
     evaluation = sub.add_parser("eval", help="measure retrieval and answer quality on each domain's eval.jsonl")
     evaluation.add_argument("--domain")
     evaluation.add_argument("--out", default="out/eval")

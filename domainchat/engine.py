@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from domainchat.errors import BadInput, ModelUnavailable
+from domainchat.errors import BadInput, ModelUnavailable, TooLarge
 from domainchat.settings import BUNDLED, Settings
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ class Engine:
 
         ids = self.encode(messages)
         if ids.shape[1] + params.max_new_tokens > self.context_window:
-            raise BadInput(
+            raise TooLarge(
                 f"The conversation is too long for the model ({ids.shape[1]} prompt tokens + "
                 f"{params.max_new_tokens} to generate > {self.context_window}); start a new conversation."
             )

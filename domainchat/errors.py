@@ -24,3 +24,11 @@ class BadInput(DomainchatError):
 
 class ModelUnavailable(DomainchatError):
     """The base model cannot be found, converted or loaded."""
+
+
+class TooLarge(BadInput):
+    """An input is over an explicit limit (question length, file size, tokens)."""
+
+
+class Busy(DomainchatError):
+    """Too many requests are waiting; the client should try again shortly."""

@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from domainchat.domains import Domain, RiskRule
-from domainchat.errors import BadInput
+from domainchat.errors import BadInput, TooLarge
 
 MAX_QUESTION_CHARS = 2000
 MAX_HISTORY_TURNS = 20  # user+assistant pairs kept; older turns are dropped by prompts.render anyway
@@ -36,7 +36,7 @@ def clean_question(question: str) -> str:
     if not cleaned:
         raise BadInput("The question is empty: type a question.")
     if len(cleaned) > MAX_QUESTION_CHARS:
-        raise BadInput(
+        raise TooLarge(
             f"The question is {len(cleaned)} characters long; the limit is {MAX_QUESTION_CHARS}. Shorten it."
         )
     return cleaned

@@ -203,7 +203,9 @@ def create_app(assistant: Assistant):
     """The FastAPI app serving the page at `/` (the API is mounted beside it by api.py)."""
     from fastapi import FastAPI
 
-    app = FastAPI(title="domainchat")
+    from domainchat.api import mount_api
+
+    app = mount_api(FastAPI(title="domainchat"), assistant)
     demo = build(assistant)
     return gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_FILE_BYTES, css=CSS,
                                theme=gr.themes.Soft(), allowed_paths=[])

@@ -1,0 +1,277 @@
+"""API: OpenAI-compatible HTTP endpoints, mounted beside the UI on the same server.
+
+`GET /v1/models` lists one model per domain (the whole pipeline: retrieval, template, adapter),
+one `<domain>:raw` per domain (that domain's adapter on the given messages, nothing else — what a
+vLLM LoRA module serves, so one domainchat can be another's generation server) and `base:raw`.
+`POST /v1/chat/completions` speaks the OpenAI schema, streaming (server-sent events ending in
+`data: [DONE]`) or not, and adds `sources` and `adapter` to the response. Errors use OpenAI's error
+format. This module translates HTTP to `chat.Assistant` / engine calls and knows nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from domainchat.chat import Assistant, Done, Notice, Sources, Token
+from domainchat.engine import GenerationParams
+from domainchat.errors import BadInput, Busy, DomainchatError, TooLarge, UnknownDomain
+
+RAW_SUFFIX = ":raw"
+BASE_RAW = "base:raw"
+MAX_ACTIVE = 4  # generations interleaving in the engine
+MAX_WAITING = 12  # beyond active + waiting, requests get 429
+MAX_NEW_TOKENS = 1024
+MAX_MESSAGES = 64
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    user: str | None = None
+
+
+class Admission:
+    """At most MAX_ACTIVE generations run; MAX_WAITING more may wait; the rest are told to retry."""
+
+    def __init__(self, active: int = MAX_ACTIVE, waiting: int = MAX_WAITING) -> None:
+        self._slots = threading.Semaphore(active)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._limit = active + waiting
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._in_flight >= self._limit:
+                raise Busy("The server is busy: too many requests are waiting. Try again in a few seconds.")
+            self._in_flight += 1
+        self._slots.acquire()
+
+    def leave(self) -> None:
+        self._slots.release()
+        with self._lock:
+            self._in_flight -= 1
+
+
+def error_response(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+def _status_for(exc: DomainchatError) -> tuple[int, str, str]:
+    if isinstance(exc, UnknownDomain):
+        return 404, "invalid_request_error", "model_not_found"
+    if isinstance(exc, TooLarge):
+        return 413, "invalid_request_error", "input_too_large"
+    if isinstance(exc, Busy):
+        return 429, "rate_limit_error", "busy"
+    if isinstance(exc, BadInput):
+        return 400, "invalid_request_error", "bad_input"
+    return 500, "server_error", "internal"
+
+
+def mount_api(app: FastAPI, assistant: Assistant, admission: Admission | None = None) -> FastAPI:
+    admission = admission or Admission()
+    api_key = assistant.settings.api_key
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <DOMAINCHAT_API_KEY>'.",
+                                      "invalid_request_error", "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"Invalid request body: {where or 'body'}: {first.get('msg', 'malformed')}.",
+                              "invalid_request_error", "invalid_body")
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        created = int(time.time())
+        ids = list(assistant.registry.domains)
+        models = [{"id": i, "object": "model", "created": created, "owned_by": "domainchat"} for i in ids]
+        models += [{"id": i + RAW_SUFFIX, "object": "model", "created": created, "owned_by": "domainchat",
+                    "parent": BASE_RAW} for i in ids]
+        models.append({"id": BASE_RAW, "object": "model", "created": created, "owned_by": "domainchat", "parent": None})
+        return {"object": "list", "data": models}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatRequest):
+        cancel = threading.Event()
+        try:
+            admission.enter()
+        except Busy as exc:
+            return error_response(429, str(exc), "rate_limit_error", "busy")
+        try:
+            events, model = _start(assistant, body, cancel)
+        except DomainchatError as exc:
+            admission.leave()
+            status, kind, code = _status_for(exc)
+            return error_response(status, str(exc), kind, code)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+
+        def run() -> Iterator[Any]:
+            try:
+                yield from events
+            finally:
+                cancel.set()  # the client went away or the answer is done: stop generating
+                admission.leave()
+
+        if body.stream:
+            return StreamingResponse(_sse(run(), completion_id, created, model), media_type="text/event-stream")
+        try:
+            result = _collect(run())
+        except DomainchatError as exc:
+            status, kind, code = _status_for(exc)
+            return error_response(status, str(exc), kind, code)
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
+                         "finish_reason": result["finish_reason"]}],
+            "usage": result["usage"], "sources": result["sources"], "adapter": result["adapter"],
+            "notices": result["notices"],
+        }
+
+    return app
+
+
+def _params(assistant: Assistant, domain_id: str, body: ChatRequest) -> GenerationParams:
+    generation = assistant.registry.get(domain_id).generation
+    max_new = body.max_completion_tokens or body.max_tokens or generation.max_new_tokens
+    if max_new > MAX_NEW_TOKENS:
+        raise TooLarge(f"max_tokens={max_new} is over the limit of {MAX_NEW_TOKENS}.")
+    return GenerationParams(
+        max_new_tokens=max_new,
+        temperature=generation.temperature if body.temperature is None else body.temperature,
+        top_p=generation.top_p if body.top_p is None else body.top_p,
+        repetition_penalty=generation.repetition_penalty,
+        no_repeat_ngram=generation.no_repeat_ngram,
+        seed=body.seed,
+    )
+
+
+def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> tuple[Iterator[Any], str]:
+    """Validate the request and start it: (its event iterator, the model name). Validation, risk
+    rules and retrieval run here, so bad input is an HTTP error rather than a broken stream."""
+    if len(body.messages) > MAX_MESSAGES:
+        raise TooLarge(f"{len(body.messages)} messages is over the limit of {MAX_MESSAGES}; send fewer turns.")
+    model = body.model
+    if model == BASE_RAW or model.endswith(RAW_SUFFIX):
+        domain_id = None if model == BASE_RAW else model[: -len(RAW_SUFFIX)]
+        if domain_id is not None:
+            assistant.registry.get(domain_id)
+        params = _params(assistant, domain_id or next(iter(assistant.registry.domains)), body)
+        adapter = domain_id if domain_id and assistant.engine.available(domain_id) and domain_id in assistant.engine.adapters else None
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages if m.role in ("system", "developer", "user", "assistant")]
+        if sum(len(m["content"]) for m in messages) > 64_000:
+            raise TooLarge("The messages are over 64,000 characters; shorten them.")
+
+        def raw() -> Iterator[Any]:
+            pieces = []
+            for piece in assistant.engine.stream(messages, adapter, params, cancel):
+                pieces.append(piece)
+                yield Token(piece)
+            yield Done(answer="".join(pieces), adapter=adapter, abstained=False,
+                       timing={"tokens": assistant.engine.count_tokens("".join(pieces))})
+
+        return raw(), model
+
+    domain = assistant.registry.get(model)
+    turns = [m for m in body.messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1].role != "user":
+        raise BadInput("The last message must be from the user.")
+    history: list[tuple[str, str]] = []
+    pending: str | None = None
+    for message in turns[:-1]:
+        if message.role == "user":
+            pending = message.text()
+        elif pending is not None:
+            history.append((pending, message.text()))
+            pending = None
+    question = turns[-1].text()
+    params = _params(assistant, domain.id, body)
+    iterator = assistant.answer(domain.id, question, history, params=params, cancel=cancel)
+    first = next(iterator)
+
+    def pipeline() -> Iterator[Any]:
+        yield first
+        yield from iterator
+
+    return pipeline(), model
+
+
+def _collect(events: Iterator[Any]) -> dict:
+    answer, sources, notices, done = "", [], [], None
+    for event in events:
+        if isinstance(event, Token):
+            answer += event.text
+        elif isinstance(event, Sources):
+            sources = [p.to_json() for p in event.passages]
+        elif isinstance(event, Notice):
+            notices.append({"kind": event.kind, "text": event.text})
+        elif isinstance(event, Done):
+            done = event
+    assert done is not None
+    tokens = int(done.timing.get("tokens", 0))
+    return {"answer": done.answer or answer, "sources": sources, "notices": notices, "adapter": done.adapter,
+            "finish_reason": "stop", "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": tokens,
+                                               "total_tokens": done.prompt_tokens + tokens}}
+
+
+def _sse(events: Iterator[Any], completion_id: str, created: int, model: str) -> Iterator[str]:
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    sources, notices = [], []
+    try:
+        for event in events:
+            if isinstance(event, Token):
+                yield chunk({"content": event.text})
+            elif isinstance(event, Sources):
+                sources = [p.to_json() for p in event.passages]
+            elif isinstance(event, Notice):
+                notices.append({"kind": event.kind, "text": event.text})
+            elif isinstance(event, Done):
+                yield chunk({}, "stop", sources=sources, adapter=event.adapter, notices=notices)
+    except DomainchatError as exc:
+        status, kind, code = _status_for(exc)
+        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'code': code}})}\n\n"
+    yield "data: [DONE]\n\n"

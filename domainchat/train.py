@@ -1,0 +1,347 @@
+"""Train: LoRA / QLoRA supervised fine-tuning of one domain's adapter.
+
+Owns the training data format (`domains/<id>/train.jsonl`), turning each example into the exact
+prompt inference will send (`prompts.render` with passages retrieved by the same knowledge store,
+the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
+passage's number), the loss on assistant tokens only, and the adapter folder it writes: 16-bit
+weights, adapter_config.json, a training card and a loss curve. It knows nothing about serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domainchat import prompts
+from domainchat.domains import Domain
+from domainchat.errors import BadInput, ConfigError
+from domainchat.knowledge import KnowledgeStore, Passage
+from domainchat.settings import Settings
+
+TRAIN_FILE = "train.jsonl"
+KINDS = ("grounded", "followup", "abstain", "risk")
+CITE = "[cite]"
+MIN_EXAMPLES = 8
+CARD = "training_card.json"
+CHECKPOINT = "checkpoint.pt"
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyperparameters: domain.yaml's `training:` section, then CLI overrides."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    learning_rate: float = 3e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4  # examples per optimizer step (gradient accumulation over single examples)
+    max_length: int = 1024
+    held_out: float = 0.05
+    seed: int = 0
+    qlora: bool = True
+
+    @classmethod
+    def from_domain(cls, domain: Domain, **overrides: Any) -> TrainingConfig:
+        where = f"{domain.folder / 'domain.yaml' if domain.folder else domain.id}: key 'training"
+        values: dict[str, Any] = {}
+        known = {f for f in cls.__dataclass_fields__}
+        for key, value in dict(domain.training).items():
+            if key not in known:
+                raise ConfigError(f"{where}.{key}' is not a training setting; known: {', '.join(sorted(known))}.")
+            values[key] = tuple(value) if key == "target_modules" else value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            config = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"{where}' is invalid: {exc}.") from None
+        checks = [("rank", 1 <= config.rank <= 256), ("alpha", config.alpha > 0), ("learning_rate", 0 < config.learning_rate < 1),
+                  ("epochs", config.epochs > 0), ("batch_size", config.batch_size >= 1),
+                  ("max_length", 64 <= config.max_length <= 8192), ("held_out", 0 <= config.held_out < 0.5),
+                  ("max_steps", config.max_steps is None or config.max_steps >= 1)]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"{where}.{key}' has an out-of-range value ({getattr(config, key)}).")
+        return config
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str
+    question: str
+    answer: str
+    history: tuple[tuple[str, str], ...] = ()
+    source: str | None = None
+    line: int = 0
+
+
+def load_examples(path: Path) -> list[Example]:
+    """Parse train.jsonl; any malformed line is reported as file:line with the reason."""
+    if not path.is_file():
+        raise BadInput(f"{path}: missing; write one training example per line (see README).")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            raw = json.loads(line)
+        except ValueError as exc:
+            raise BadInput(f"{where}: not valid JSON ({exc}).") from None
+        if not isinstance(raw, dict):
+            raise BadInput(f"{where}: each line must be a JSON object.")
+        for key in ("kind", "question", "answer"):
+            if not isinstance(raw.get(key), str) or not raw[key].strip():
+                raise BadInput(f"{where}: '{key}' must be a non-empty string.")
+        if raw["kind"] not in KINDS:
+            raise BadInput(f"{where}: kind '{raw['kind']}' is not one of {', '.join(KINDS)}.")
+        history = raw.get("history") or []
+        if not isinstance(history, list) or len(history) % 2 or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in history):
+            raise BadInput(f"{where}: 'history' must be a list of user/assistant message pairs.")
+        if raw["kind"] in ("grounded", "followup") and (not raw.get("source") or CITE not in raw["answer"]):
+            raise BadInput(f"{where}: a {raw['kind']} example needs a 'source' file and {CITE} in its answer.")
+        pairs = tuple((history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history), 2))
+        examples.append(Example(kind=raw["kind"], question=raw["question"].strip(), answer=raw["answer"].strip(),
+                                history=pairs, source=raw.get("source"), line=number))
+    if len(examples) < MIN_EXAMPLES:
+        raise BadInput(f"{path}: {len(examples)} examples; training needs at least {MIN_EXAMPLES}.")
+    return examples
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> tuple[list[Passage], str]:
+    """Passages as inference would retrieve them, with the example's source among them, and the
+    answer with [cite] replaced by that passage's number."""
+    passages = store.search(domain.id, example.question, domain.retrieval.k)
+    if example.source is None:
+        return passages, example.answer.replace(CITE, "")
+    position = next((i for i, p in enumerate(passages) if p.source == example.source), None)
+    if position is None:
+        stored = store.vectorstore(domain.id).get(where={"source": example.source}, include=["documents", "metadatas"])
+        if not stored["ids"]:
+            raise BadInput(f"train.jsonl:{example.line}: source '{example.source}' is not in the '{domain.id}' knowledge base.")
+        query = store.embeddings.embed_query(example.question)
+        vectors = store.embeddings.embed_documents(stored["documents"])
+        best = max(range(len(vectors)), key=lambda i: sum(a * b for a, b in zip(vectors[i], query)))
+        meta = stored["metadatas"][best]
+        source_passage = Passage(id=stored["ids"][best], source=example.source, title=meta.get("title", example.source),
+                                 score=0.0, text=stored["documents"][best])
+        passages = passages[: max(domain.retrieval.k - 1, 0)]
+        position = random.Random(example.line).randrange(len(passages) + 1)  # not always last
+        passages.insert(position, source_passage)
+    return passages, example.answer.replace(CITE, f"[{position + 1}]")
+
+
+def tokenize_example(tokenizer, domain: Domain, example: Example, passages: list[Passage] | None,
+                     answer: str, max_length: int) -> tuple[list[int], list[int]] | None:
+    """(input ids, labels) with the loss on the answer only; None when no answer token fits."""
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    answer_ids = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    budget = max_length - len(answer_ids) - 8
+    if budget <= 0:
+        return None
+    rendered = prompts.render(domain, example.question, example.history, passages, count_tokens=count, budget=budget)
+    prompt_ids = tokenizer.apply_chat_template(rendered.messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(prompt_ids, list):
+        prompt_ids = prompt_ids["input_ids"]
+    ids = (list(prompt_ids) + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return ids, labels
+
+
+def build_dataset(tokenizer, domain: Domain, examples: list[Example], store: KnowledgeStore,
+                  max_length: int) -> list[tuple[list[int], list[int]]]:
+    stop_rules = {r.message.strip() for r in domain.risk_rules if r.action == "stop"}
+    rows = []
+    for example in examples:
+        if example.kind == "risk" and example.answer.strip() not in stop_rules:
+            continue  # a notice rule's message is shown beside a normal answer, never as the answer
+        if example.kind == "risk":
+            passages, answer = None, example.answer
+        else:
+            passages, answer = _cite_passages(store, domain, example)
+        row = tokenize_example(tokenizer, domain, example, passages, answer, max_length)
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        raise BadInput(f"max_length {max_length} cuts away every answer token; raise training.max_length.")
+    return rows
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    train_loss: list[float] = field(default_factory=list)
+    held_out_loss: float | None = None
+    seconds: float = 0.0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _mean_loss(model, rows) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in rows:
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            total += float(out.loss)
+            count += 1
+    return total / max(count, 1)
+
+
+def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: TrainingConfig, out: Path,
+          *, force: bool = False, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train `domain`'s adapter into `out`. Refuses to overwrite a finished adapter without force;
+    resumes from `out/checkpoint.pt` when one matches the same data and settings."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from domainchat.engine import resolve_base
+
+    assert domain.folder is not None
+    data_path = domain.folder / TRAIN_FILE
+    examples = load_examples(data_path)
+    if (out / "adapter_model.safetensors").exists() and not force:
+        raise BadInput(f"{out} already holds an adapter; pass --force to replace it, or --out another folder.")
+    if store.count(domain.id) == 0:
+        raise BadInput(f"the '{domain.id}' knowledge base is empty; training renders prompts with retrieved passages.")
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    base_source = resolve_base(settings)
+    tokenizer = AutoTokenizer.from_pretrained(base_source)
+    rows = build_dataset(tokenizer, domain, examples, store, config.max_length)
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    n_held = int(len(rows) * config.held_out)
+    held = [rows[i] for i in order[:n_held]]
+    train_rows = [rows[i] for i in order[n_held:]]
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+                    if config.qlora else None)
+    model = AutoModelForCausalLM.from_pretrained(base_source, dtype=torch.float32, quantization_config=quantization)
+    model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                             target_modules=list(config.target_modules), task_type="CAUSAL_LM"))
+    model.train()  # stays in train mode until saved: see engine._load_adapters on 4-bit repacking
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    warmup = max(1, total_steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total_steps - s) / max(total_steps - warmup, 1)))
+
+    data_hash = sha256_file(data_path)
+    fingerprint = {"data_sha256": data_hash, "config": asdict(config), "base": str(base_source)}
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT
+    step, losses = 0, []
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["fingerprint"] == json.loads(json.dumps(fingerprint)):
+            set_peft_model_state_dict(model, saved["adapter"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            step, losses = saved["step"], saved["losses"]
+
+    started = time.perf_counter()
+    sequence = [train_rows[i % len(train_rows)] for i in range(total_steps * config.batch_size)]
+    while step < total_steps:
+        batch = sequence[step * config.batch_size:(step + 1) * config.batch_size]
+        optimizer.zero_grad()
+        step_loss = 0.0
+        for ids, labels in batch:
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss / len(batch)
+            loss.backward()
+            step_loss += float(loss)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(round(step_loss, 4))
+        if progress:
+            progress(step, total_steps, step_loss)
+        if step % 10 == 0 or step == total_steps:
+            torch.save({"fingerprint": fingerprint, "adapter": get_peft_model_state_dict(model), "step": step,
+                        "losses": losses, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       checkpoint)
+    seconds = time.perf_counter() - started
+
+    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(out))
+    model.eval()
+    held_loss = _mean_loss(model, held) if held else None
+    result = TrainResult(out=out, steps=step, train_loss=losses, held_out_loss=held_loss, seconds=seconds)
+    _write_card(out, domain, config, base_source, data_hash, len(train_rows), len(held), result)
+    checkpoint.unlink(missing_ok=True)
+    return result
+
+
+def _write_card(out: Path, domain: Domain, config: TrainingConfig, base_source: str, data_hash: str,
+                n_train: int, n_held: int, result: TrainResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_weights = Path(base_source) / "model.safetensors"
+    card = {
+        "domain": domain.id,
+        "base_model": str(base_source),
+        "base_model_sha256": sha256_file(base_weights) if base_weights.exists() else None,
+        "train_data": f"domains/{domain.id}/{TRAIN_FILE}",
+        "train_data_sha256": data_hash,
+        "examples": {"train": n_train, "held_out": n_held},
+        "hyperparameters": asdict(config),
+        "prompt": "domainchat.prompts.render (system prompt, few-shot, quoted numbered passages, history)",
+        "steps": result.steps,
+        "train_loss_first": result.train_loss[0] if result.train_loss else None,
+        "train_loss_last10_mean": round(sum(result.train_loss[-10:]) / max(len(result.train_loss[-10:]), 1), 4),
+        "held_out_loss": round(result.held_out_loss, 4) if result.held_out_loss is not None else None,
+        "wall_time_s": round(result.seconds, 1),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+    }
+    (out / CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(result.train_loss) + 1), result.train_loss, label="train loss (per step)")
+    if result.held_out_loss is not None:
+        ax.axhline(result.held_out_loss, color="tab:orange", linestyle="--", label="held-out loss (end)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{domain.id} adapter")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""The OpenAI-compatible API, served live (uvicorn on a free port) and called with the official
+`openai` client: real model, real adapters, real knowledge store."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from fastapi import FastAPI
+
+from domainchat.api import Admission, mount_api
+from domainchat.chat import Assistant, sync_knowledge
+from domainchat.domains import load_registry
+from domainchat.engine import Engine, GenerationParams
+from domainchat.errors import Busy
+from domainchat.knowledge import KnowledgeStore
+from domainchat.settings import PROJECT_ROOT, load_settings
+
+pytestmark = pytest.mark.model
+
+
+def serve_in_thread(app: FastAPI) -> str:
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def assistant(settings, test_adapters, embeddings) -> Assistant:
+    registry = load_registry(PROJECT_ROOT / "domains")
+    store = KnowledgeStore.open(settings.home, None, embeddings)
+    sync_knowledge(store, settings, registry)
+    engine = Engine.start(settings, {"finance": test_adapters["alpha"], "legal": test_adapters["beta"]})
+    return Assistant(settings, registry, engine, store)
+
+
+@pytest.fixture(scope="module")
+def client(assistant: Assistant) -> openai.OpenAI:
+    return openai.OpenAI(base_url=serve_in_thread(mount_api(FastAPI(), assistant)), api_key="unused", max_retries=0)
+
+
+GREEDY = {"temperature": 0, "max_tokens": 16}
+
+
+def test_models_lists_domains_and_raw_adapters(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"finance", "medical", "legal", "customer_service"} <= ids
+    assert {"finance:raw", "base:raw"} <= ids
+
+
+def test_pipeline_answer_has_sources_and_adapter(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="finance", messages=[{"role": "user", "content": "What is the 50/30/20 budgeting rule?"}], **GREEDY)
+    assert response.choices[0].message.content.strip()
+    extra = response.model_extra
+    assert extra["adapter"] == "finance" and extra["sources"] and extra["sources"][0]["source"].endswith(".md")
+    assert response.usage.completion_tokens > 0 and response.usage.prompt_tokens > 100
+
+
+def test_streaming_matches_the_non_streaming_answer(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "How long does a cold usually last?"}]
+    whole = client.chat.completions.create(model="medical", messages=messages, **GREEDY)
+    pieces, last = [], None
+    for chunk in client.chat.completions.create(model="medical", messages=messages, stream=True, **GREEDY):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        last = chunk
+    assert len(pieces) > 1, "tokens arrive as separate events"
+    assert "".join(pieces).strip() == whole.choices[0].message.content.strip()
+    assert last.choices[0].finish_reason == "stop" and last.model_extra["sources"]
+
+
+def test_abstention_and_risk_rules_come_through(client: openai.OpenAI, assistant: Assistant) -> None:
+    off_topic = client.chat.completions.create(
+        model="legal", messages=[{"role": "user", "content": "What is the best recipe for banana bread?"}], **GREEDY)
+    assert off_topic.choices[0].message.content == assistant.registry.get("legal").abstain_message
+    emergency = client.chat.completions.create(
+        model="medical", messages=[{"role": "user", "content": "I think I'm having a heart attack"}], **GREEDY)
+    assert "emergency number" in emergency.choices[0].message.content
+
+
+def test_raw_model_is_the_adapter_alone(client: openai.OpenAI, assistant: Assistant) -> None:
+    messages = [{"role": "user", "content": "Name three colours."}]
+    reference = assistant.engine.complete(messages, "finance", GenerationParams(max_new_tokens=16, temperature=0.0,
+                                                                                repetition_penalty=1.1, no_repeat_ngram=4))
+    raw = client.chat.completions.create(model="finance:raw", messages=messages, **GREEDY)
+    assert raw.choices[0].message.content == reference and raw.model_extra["adapter"] == "finance"
+    base = client.chat.completions.create(model="base:raw", messages=messages, **GREEDY)
+    assert base.model_extra["adapter"] is None and base.choices[0].message.content != reference
+
+
+def test_errors_use_the_openai_format(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="astrology", messages=[{"role": "user", "content": "hi"}])
+    assert "Unknown domain" in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="finance", messages=[])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="finance", messages=[{"role": "user", "content": "   "}])
+    with pytest.raises(openai.APIStatusError) as too_long:
+        client.chat.completions.create(model="finance", messages=[{"role": "user", "content": "a" * 5000}])
+    assert too_long.value.status_code == 413
+    with pytest.raises(openai.APIStatusError) as too_many:
+        client.chat.completions.create(model="finance", messages=[{"role": "user", "content": "hi"}], max_tokens=100_000)
+    assert too_many.value.status_code == 413
+
+
+def test_malformed_json_is_400(client: openai.OpenAI) -> None:
+    import httpx
+
+    response = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_api_key_is_required_when_set(assistant: Assistant) -> None:
+    keyed = Assistant(load_settings({"DOMAINCHAT_HOME": str(assistant.settings.home), "DOMAINCHAT_API_KEY": "s3cret"}),
+                      assistant.registry, assistant.engine, assistant.knowledge)
+    url = serve_in_thread(mount_api(FastAPI(), keyed))
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    assert openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).models.list().data
+
+
+def test_queue_full_is_429(assistant: Assistant) -> None:
+    admission = Admission(active=1, waiting=0)
+    admission.enter()  # the only slot is taken
+    url = serve_in_thread(mount_api(FastAPI(), assistant, admission))
+    with pytest.raises(openai.RateLimitError):
+        openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
+            model="finance", messages=[{"role": "user", "content": "What is APR?"}])
+    admission.leave()
+    with pytest.raises(Busy):
+        one = Admission(active=1, waiting=0)
+        one.enter()
+        one.enter()
