@@ -1,0 +1,132 @@
+"""Training tests: a tiny domain, a few steps on the real base model, the adapter it writes loads
+into the engine and changes its outputs. Bad data fails before any training starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domainchat.domains import load_domain
+from domainchat.engine import Engine, GenerationParams
+from domainchat.errors import BadInput, ConfigError
+from domainchat.train import TrainingConfig, load_examples, train
+
+KNOWLEDGE = """# Zorblax savings
+
+## Zorblax account interest
+A Zorblax account pays 4.5 percent interest a year and has no monthly fee.
+
+## Zorblax withdrawals
+Withdrawals from a Zorblax account are free twice a month; later ones cost 3 dollars.
+"""
+
+
+def example(i: int, **overrides) -> dict:
+    row = {"kind": "grounded", "question": f"What interest does a Zorblax account pay? ({i})", "history": [],
+           "source": "zorblax.md", "answer": "A Zorblax account pays 4.5 percent a year [cite]."}
+    row.update(overrides)
+    return row
+
+
+@pytest.fixture
+def tiny_domain(tmp_path: Path, store) -> tuple:
+    folder = tmp_path / "domains" / "zorblax"
+    folder.mkdir(parents=True)
+    (folder / "domain.yaml").write_text(yaml.safe_dump({
+        "id": "zorblax", "title": "Zorblax", "description": "d", "system_prompt": "Answer from the passages.",
+        "training": {"rank": 4, "alpha": 8, "max_length": 256, "batch_size": 2, "learning_rate": 0.005,
+                     "target_modules": ["q_proj", "v_proj"], "held_out": 0.2},
+    }))
+    rows = [example(i) for i in range(8)] + [
+        {"kind": "abstain", "question": "Who won the 1998 World Cup?", "history": [], "source": None,
+         "answer": "The passages do not cover that."},
+        {"kind": "followup", "question": "And withdrawals?", "source": "zorblax.md",
+         "history": [{"role": "user", "content": "Tell me about Zorblax."}, {"role": "assistant", "content": "It is a savings account [cite]."}],
+         "answer": "Two free withdrawals a month, then 3 dollars each [cite]."},
+    ]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    knowledge = tmp_path / "knowledge" / "zorblax"
+    knowledge.mkdir(parents=True)
+    (knowledge / "zorblax.md").write_text(KNOWLEDGE)
+    store.sync_folder("zorblax", knowledge)
+    return load_domain(folder), store
+
+
+@pytest.mark.model
+def test_a_few_steps_write_an_adapter_that_loads_and_changes_outputs(settings, tiny_domain, tmp_path: Path) -> None:
+    domain, store = tiny_domain
+    out = tmp_path / "adapter"
+    config = TrainingConfig.from_domain(domain, max_steps=4)
+    steps_seen = []
+    result = train(settings, domain, store, config, out, progress=lambda s, total, loss: steps_seen.append((s, total)))
+    assert steps_seen == [(s, 4) for s in range(1, 5)] and result.steps == 4
+    assert result.train_loss[-1] < result.train_loss[0], "the loss goes down"
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_card.json", "loss_curve.png"} <= {
+        p.name for p in out.iterdir()}
+    assert not (out / "checkpoint.pt").exists()
+    assert (out / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["base_model_sha256"] and len(card["train_data_sha256"]) == 64
+    assert card["hyperparameters"]["rank"] == 4 and card["held_out_loss"] is not None
+
+    engine = Engine.start(settings, {"zorblax": out})
+    assert engine.adapters["zorblax"].loaded, engine.adapters["zorblax"].reason
+    question = [{"role": "user", "content": "What interest does a Zorblax account pay?"}]
+    greedy = GenerationParams(max_new_tokens=20, temperature=0.0)
+    assert engine.complete(question, "zorblax", greedy) != engine.complete(question, None, greedy)
+
+    with pytest.raises(BadInput, match="--force"):
+        train(settings, domain, store, config, out)
+
+
+def test_bad_data_is_reported_as_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(example(0)) + "\n{not json\n")
+    with pytest.raises(BadInput, match=r"train.jsonl:2: not valid JSON"):
+        load_examples(path)
+    path.write_text(json.dumps(example(0)) + "\n" + json.dumps(example(1, kind="chit-chat")) + "\n")
+    with pytest.raises(BadInput, match=r"train.jsonl:2: kind 'chit-chat'"):
+        load_examples(path)
+    path.write_text(json.dumps(example(0, answer="No citation here.")) + "\n")
+    with pytest.raises(BadInput, match=r"train.jsonl:1: a grounded example needs"):
+        load_examples(path)
+    path.write_text("\n".join(json.dumps(example(i)) for i in range(3)))
+    with pytest.raises(BadInput, match="at least 8"):
+        load_examples(path)
+    with pytest.raises(BadInput, match="missing"):
+        load_examples(tmp_path / "absent.jsonl")
+
+
+def test_max_length_that_cuts_every_answer_is_refused(settings, tiny_domain, tmp_path: Path) -> None:
+    domain, store = tiny_domain
+    wordy = dataclasses.replace(domain, system_prompt="Answer carefully. " * 40)  # ~120 tokens before any answer
+    config = TrainingConfig.from_domain(wordy, max_steps=1, max_length=64)
+    with pytest.raises(BadInput, match="max_length"):
+        train(settings, wordy, store, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "nothing is written when the data cannot train"
+
+
+def test_training_settings_are_validated(tiny_domain) -> None:
+    domain, _ = tiny_domain
+    assert TrainingConfig.from_domain(domain).rank == 4
+    assert TrainingConfig.from_domain(domain, epochs=2).epochs == 2
+    with pytest.raises(ConfigError, match="'training.learning_rate'"):
+        TrainingConfig.from_domain(domain, learning_rate=5.0)
+    bad = domain.__class__(**{**domain.__dict__, "training": {"rnak": 8}})
+    with pytest.raises(ConfigError, match="'training.rnak'"):
+        TrainingConfig.from_domain(bad)
+
+
+def test_shipped_training_data_parses() -> None:
+    from domainchat.settings import PROJECT_ROOT
+
+    for path in sorted((PROJECT_ROOT / "domains").glob("*/train.jsonl")):
+        examples = load_examples(path)
+        assert len(examples) >= 300, path
+        sources = {e.source for e in examples if e.source}
+        knowledge = {p.name for p in (PROJECT_ROOT / "knowledge" / path.parent.name).glob("*.md")}
+        assert sources <= knowledge, sources - knowledge
