@@ -144,6 +144,7 @@ class Assistant:
         *,
         use_retrieval: bool = True,
         use_adapter: bool = True,
+        use_few_shot: bool = True,
         cancel: threading.Event | None = None,
         params: GenerationParams | None = None,
     ) -> Iterator[Event]:
@@ -192,7 +193,8 @@ class Assistant:
         )
         budget = min(PROMPT_BUDGET_TOKENS, self.engine.context_window - params.max_new_tokens)
         rendered = prompts.render(
-            domain, question, history, passages, count_tokens=self.engine.count_tokens, budget=budget
+            domain, question, history, passages, count_tokens=self.engine.count_tokens, budget=budget,
+            with_few_shot=use_few_shot,
         )
         prompt_tokens = rendered.tokens
         if rendered.passages:
@@ -200,7 +202,8 @@ class Assistant:
 
         pieces: list[str] = []
         first_token_at = None
-        for piece in self.engine.stream(rendered.messages, adapter, params, cancel):
+        fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question
+        for piece in self.engine.stream(rendered.messages, adapter, params, cancel, prefix_messages=fixed):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
                 timing["ttft_ms"] = round((first_token_at - started) * 1000, 1)

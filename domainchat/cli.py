@@ -192,6 +192,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from domainchat import evaluate
+    from domainchat.settings import load_settings
+
+    with tqdm(total=8, desc="bench", file=sys.stderr, disable=args.json) as bar:
+        report = evaluate.run_bench(load_settings(), progress=lambda what: (bar.set_postfix_str(what), bar.update()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "bench.md").write_text("# domainchat bench\n\n" + evaluate.bench_markdown(report), encoding="utf-8")
+    print(json.dumps(report, indent=2) if args.json else evaluate.bench_markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domainchat", description="A vertical-domain chatbot.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train on the 4-bit base (default) or, with --no-qlora, on the fp32 base")
     training.add_argument("--force", action="store_true", help="replace an existing adapter")
     training.set_defaults(run=cmd_train)
+
+    bench = sub.add_parser("bench", help="measure speed and memory; writes bench.json and bench.md")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--out", default="out/bench")
+    bench.set_defaults(run=cmd_bench)
 
     evaluation = sub.add_parser("eval", help="measure retrieval and answer quality on each domain's eval.jsonl")
     evaluation.add_argument("--domain")

@@ -9,6 +9,7 @@ retrieval), and writes eval.json, eval.md and bar charts. It drives the pipeline
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,13 +21,15 @@ from domainchat.engine import GenerationParams
 from domainchat.errors import BadInput
 
 EVAL_FILE = "eval.jsonl"
-# name -> (use_adapter, use_retrieval)
-CONFIGS: dict[str, tuple[bool, bool]] = {
-    "base": (False, False),
-    "base+rag": (False, True),
-    "adapter": (True, False),
-    "adapter+rag": (True, True),
+# name -> (use_adapter, use_retrieval, use_few_shot)
+CONFIGS: dict[str, tuple[bool, bool, bool]] = {
+    "base": (False, False, True),
+    "base+rag": (False, True, True),
+    "base+rag-no-fewshot": (False, True, False),
+    "adapter": (True, False, True),
+    "adapter+rag": (True, True, True),
 }
+CITATION = re.compile(r"\[\d+\]")
 EVAL_PARAMS = GenerationParams(max_new_tokens=160, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
 
 
@@ -99,21 +102,24 @@ def generation_metrics(
     assistant: Assistant, domain: Domain, items: Sequence[EvalItem], config: str,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    use_adapter, use_retrieval = CONFIGS[config]
-    recalls, samples, abstained = [], [], 0
+    use_adapter, use_retrieval, use_few_shot = CONFIGS[config]
+    recalls, samples, abstained, cited = [], [], 0, 0
     for item in items:
         if not item.answerable:
             continue
         done = next(e for e in assistant.answer(domain.id, item.question, use_retrieval=use_retrieval,
-                                                use_adapter=use_adapter, params=EVAL_PARAMS)
+                                                use_adapter=use_adapter, use_few_shot=use_few_shot,
+                                                params=EVAL_PARAMS)
                     if isinstance(e, Done))
         abstained += done.abstained
+        cited += bool(CITATION.search(done.answer))
         recalls.append(key_fact_recall(done.answer, item.key_facts))
         samples.append({"id": item.id, "question": item.question, "answer": done.answer,
                         "recall": round(recalls[-1], 3), "adapter": done.adapter})
         if progress:
             progress(f"{domain.id} {config} {len(recalls)}")
     return {"key_fact_recall": round(statistics.mean(recalls), 3) if recalls else None,
+            "citation_rate": round(cited / len(recalls), 3) if recalls else None,
             "answered": len(recalls), "abstained": abstained, "samples": samples}
 
 
@@ -129,7 +135,7 @@ def run_eval(
         entry: dict = {"retrieval": retrieval_metrics(assistant, domain, items), "generation": {}}
         answerable = [i for i in items if i.answerable][:limit] if limit else items
         for config in configs:
-            use_adapter, _ = CONFIGS[config]
+            use_adapter = CONFIGS[config][0]
             if use_adapter and not assistant.engine.available(domain.id) or (
                     use_adapter and domain.id not in assistant.engine.adapters):
                 entry["generation"][config] = {"key_fact_recall": None, "skipped": "no usable adapter"}
@@ -142,13 +148,16 @@ def run_eval(
 def markdown(report: dict) -> str:
     configs = sorted({c for d in report["domains"].values() for c in d["generation"]}, key=list(CONFIGS).index)
     lines = ["| domain | hit@k | MRR | abstain (out of scope) | false abstain | "
-             + " | ".join(f"key facts: {c}" for c in configs) + " |",
+             + " | ".join(f"key facts / cited: {c}" for c in configs) + " |",
              "|---|---|---|---|---|" + "---|" * len(configs)]
     for domain_id, entry in report["domains"].items():
         r = entry["retrieval"]
-        facts = [entry["generation"][c].get("key_fact_recall") for c in configs]
+        cells = []
+        for c in configs:
+            g = entry["generation"][c]
+            cells.append("–" if g.get("key_fact_recall") is None else f"{g['key_fact_recall']} / {g.get('citation_rate')}")
         lines.append(f"| {domain_id} | {r['hit_at_k']} | {r['mrr']} | {r['abstention_out_of_scope']} | "
-                     f"{r['false_abstention']} | " + " | ".join("–" if f is None else str(f) for f in facts) + " |")
+                     f"{r['false_abstention']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,3 +202,226 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
     written.append(out_dir / "retrieval.png")
     return written
+
+
+# --------------------------------------------------------------------------- bench (speed)
+
+BENCH_TARGETS = {
+    "switch_p50_ms": ("<=", 20.0),
+    "ttft_rag_prefix_cached_s": ("<=", 1.0),
+    "decode_speedup_vs_naive": (">=", 1.5),
+    "concurrency_speedup_4_sessions": (">=", 2.0),
+    "retrieval_p50_ms_10k": ("<=", 30.0),
+    "serving_peak_rss_mb": ("<=", 1536.0),
+}
+# A separate process: start the app as `serve` would (model, every adapter, knowledge), answer one
+# question, and report its own peak memory, untouched by what the bench itself loads.
+SERVING_PROBE = """
+import json, resource, time
+from domainchat.chat import Assistant, Done
+from domainchat.settings import load_settings
+assistant = Assistant.start(load_settings())
+started = time.perf_counter()
+domain = next(iter(assistant.registry.domains))
+for event in assistant.answer(domain, assistant.registry.get(domain).example_questions[0]):
+    pass
+print(json.dumps({"answer_s": time.perf_counter() - started,
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _synthetic_adapters(checkpoint: Path, names: Sequence[str], root: Path) -> dict[str, Path]:
+    """Random LoRA adapters (rank 8, all linear layers, like a trained one) for speed measurements."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = {}
+    for seed, name in enumerate(names):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_B" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+        peft_model.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def _timed_stream(engine, messages, adapter, params, prefix_messages: int = 0) -> tuple[float, float, int]:
+    """(time to first piece, total time, tokens) for one generation."""
+    import time
+
+    started = time.perf_counter()
+    first, pieces = None, []
+    for piece in engine.stream(messages, adapter, params, prefix_messages=prefix_messages):
+        if first is None:
+            first = time.perf_counter() - started
+        pieces.append(piece)
+    total = time.perf_counter() - started
+    return first or total, total, engine.count_tokens("".join(pieces))
+
+
+def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: int = 3) -> dict:
+    import random
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    import torch
+
+    from domainchat import prompts
+    from domainchat.chat import adapter_dirs
+    from domainchat.domains import load_registry
+    from domainchat.engine import Engine, resolve_base
+    from domainchat.knowledge import KnowledgeStore
+
+    report: dict = {"machine": {"cpus": torch.get_num_threads()}, "runs": runs}
+    registry = load_registry(settings.domains_dir)
+    domain_ids = list(registry.domains)[:4]
+
+    progress("cold start")
+    resolve_base(settings)  # the cache exists before timing a cold start "with the model cache"
+    started = time.perf_counter()
+    serving = subprocess.run([sys.executable, "-c", SERVING_PROBE], check=True, capture_output=True, text=True)
+    report["cold_start_s"] = round(time.perf_counter() - started - json.loads(serving.stdout.strip().splitlines()[-1])["answer_s"], 2)
+    report["serving_peak_rss_mb"] = json.loads(serving.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        real = adapter_dirs(settings, registry)
+        missing = [d for d in domain_ids if d not in real]
+        folders = {**{d: real[d] for d in domain_ids if d in real},
+                   **_synthetic_adapters(Path(resolve_base(settings)), missing, tmp_path / "adapters")}
+        report["adapters"] = {d: ("trained" if d in real else "synthetic (random, rank 8, all linear)") for d in domain_ids}
+        progress("engine with 4 adapters")
+        engine = Engine.start(settings, folders)
+        engine.warm_up()
+        usable = [d for d in domain_ids if engine.available(d)]
+
+        progress("adapter switch")
+        switches = []
+        for i in range(40):
+            name = usable[i % len(usable)]
+            with engine._lock:
+                t0 = time.perf_counter()
+                engine._route(name)
+                switches.append((time.perf_counter() - t0) * 1000)
+        report["switch_p50_ms"] = round(_percentile(switches, 0.5), 2)
+        report["switch_p95_ms"] = round(_percentile(switches, 0.95), 2)
+
+        from domainchat.engine import GenerationParams
+
+        progress("time to first token")
+        one_token = GenerationParams(max_new_tokens=1, temperature=0.0)
+        short = [{"role": "system", "content": registry.get(usable[0]).system_prompt},
+                 {"role": "user", "content": "What is APR?"}]
+        report["ttft_short_s"] = round(statistics.median(
+            _timed_stream(engine, short, usable[0], one_token)[0] for _ in range(runs)), 3)
+        domain = registry.get("finance" if "finance" in registry.domains else usable[0])
+        store = KnowledgeStore.open(settings.home, settings.chroma_url)
+        question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
+        passages = store.search(domain.id, question, domain.retrieval.k)
+        rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048)
+        fixed = 1 + 2 * len(domain.few_shot)
+        report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
+        adapter = domain.id if engine.available(domain.id) else None
+        report["ttft_rag_s"] = round(statistics.median(
+            _timed_stream(engine, rendered.messages, adapter, one_token)[0] for _ in range(runs)), 3)
+        _timed_stream(engine, rendered.messages, adapter, one_token, fixed)  # computes the prefix once
+        report["ttft_rag_prefix_cached_s"] = round(statistics.median(
+            _timed_stream(engine, rendered.messages, adapter, one_token, fixed)[0] for _ in range(runs)), 3)
+
+        progress("decode")
+        decode = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
+        prompt = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+        ours = []
+        for _ in range(runs):
+            _, total, tokens = _timed_stream(engine, prompt, usable[0], decode)
+            ours.append(tokens / total)
+        naive = []
+        ids = engine.encode(prompt)
+        for _ in range(runs):
+            with engine._lock:
+                engine._route(usable[0])
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = engine.model.generate(input_ids=ids, max_new_tokens=64, do_sample=False)
+                naive.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+        report["decode_tokens_per_s"] = round(statistics.median(ours), 2)
+        report["decode_naive_peft_generate_tokens_per_s"] = round(statistics.median(naive), 2)
+        report["decode_speedup_vs_naive"] = round(report["decode_tokens_per_s"] / report["decode_naive_peft_generate_tokens_per_s"], 2)
+
+        progress("concurrency")
+        burst = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
+        t0 = time.perf_counter()
+        _, _, single_tokens = _timed_stream(engine, prompt, usable[0], burst)
+        single_rate = single_tokens / (time.perf_counter() - t0)
+        counts: list[int] = []
+
+        def session(name: str) -> None:
+            counts.append(_timed_stream(engine, prompt, name, burst)[2])
+
+        threads = [threading.Thread(target=session, args=(usable[i % len(usable)],)) for i in range(4)]
+        t0 = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        report["one_session_tokens_per_s"] = round(single_rate, 2)
+        report["four_sessions_aggregate_tokens_per_s"] = round(sum(counts) / (time.perf_counter() - t0), 2)
+        report["concurrency_speedup_4_sessions"] = round(report["four_sessions_aggregate_tokens_per_s"] / single_rate, 2)
+
+        progress("retrieval at 10,000 chunks")
+        docs = tmp_path / "docs"
+        docs.mkdir()
+        sentences = [s.strip() for f in sorted(settings.knowledge_dir.glob("*/*.md"))
+                     for s in f.read_text(encoding="utf-8").replace("\n", " ").split(". ") if len(s.strip()) > 40]
+        rng = random.Random(0)
+        for f in range(142):  # ~10,000 chunks
+            sections = [f"## Section {f}-{i}\n" + ". ".join(rng.choice(sentences) for _ in range(3)) + "."
+                        for i in range(100)]
+            (docs / f"doc{f:03d}.md").write_text(f"# Synthetic {f}\n\n" + "\n\n".join(sections), encoding="utf-8")
+        bench_store = KnowledgeStore.open(tmp_path / "home", None, store.embeddings)
+        t0 = time.perf_counter()
+        ingest = bench_store.ingest("bench", [docs])
+        report["ingest_chunks"] = ingest.chunks_added
+        report["ingest_chunks_per_s"] = round(ingest.chunks_added / (time.perf_counter() - t0), 1)
+        latencies = []
+        questions = [s[:80] for s in rng.sample(sentences, 40)]
+        bench_store.search("bench", questions[0], 4)  # builds the BM25 index once
+        for q in questions:
+            t0 = time.perf_counter()
+            bench_store.search("bench", q, 4)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        report["retrieval_p50_ms_10k"] = round(_percentile(latencies, 0.5), 1)
+        report["retrieval_p95_ms_10k"] = round(_percentile(latencies, 0.95), 1)
+
+    report["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["targets"] = {key: {"target": f"{op} {value}", "measured": report.get(key),
+                               "met": (report.get(key) is not None and
+                                       (report[key] <= value if op == "<=" else report[key] >= value))}
+                         for key, (op, value) in BENCH_TARGETS.items()}
+    return report
+
+
+def bench_markdown(report: dict) -> str:
+    lines = ["| measure | value |", "|---|---|"]
+    for key, value in report.items():
+        if key not in ("targets", "adapters", "machine"):
+            lines.append(f"| {key} | {value} |")
+    lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for key, target in report["targets"].items():
+        lines.append(f"| {key} | {target['target']} | {target['measured']} | {'yes' if target['met'] else 'no'} |")
+    lines += ["", "Adapters: " + ", ".join(f"{d}: {kind}" for d, kind in report["adapters"].items())]
+    return "\n".join(lines) + "\n"

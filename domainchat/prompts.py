@@ -72,6 +72,7 @@ def render(
     *,
     count_tokens: TokenCounter,
     budget: int,
+    with_few_shot: bool = True,
 ) -> Rendered:
     """Chat messages for the model, fitted into `budget` tokens.
 
@@ -82,7 +83,7 @@ def render(
     kept_passages = list(passages or [])
     kept_history = list(history)
     system = [{"role": "system", "content": domain.system_prompt}]
-    shots = few_shot_messages(domain, with_passages)
+    shots = few_shot_messages(domain, with_passages) if with_few_shot else []
 
     def cost(messages: Sequence[Message]) -> int:
         return sum(count_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)

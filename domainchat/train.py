@@ -283,7 +283,7 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
         for ids, labels in batch:
             loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss / len(batch)
             loss.backward()
-            step_loss += float(loss)
+            step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()

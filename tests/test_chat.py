@@ -27,7 +27,7 @@ class RecordingEngine:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def stream(self, messages, adapter=None, params=None, cancel=None):
+    def stream(self, messages, adapter=None, params=None, cancel=None, prefix_messages=0):
         self.calls.append((list(messages), adapter))
         yield from ["An ", "answer ", "[1]."]
 

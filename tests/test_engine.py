@@ -78,6 +78,29 @@ def test_greedy_matches_transformers_generate(engine: Engine) -> None:
         assert ours == expected.strip() or ours == expected
 
 
+def test_prefix_cache_matches_the_uncached_path(engine: Engine) -> None:
+    """Base model: the same greedy tokens. With an adapter, the next-token logits agree to float
+    rounding (fp32 LoRA matmuls round differently for a 60-token and a 10-token chunk, and this
+    random test adapter is strong enough that a near-tie can later flip a greedy token)."""
+    fixed = [{"role": "system", "content": "You are a careful assistant. Answer in one sentence."},
+             {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 is 4."}]
+    for question in ("What is a budget?", "Name a primary colour."):
+        messages = fixed + [{"role": "user", "content": question}]
+        plain = engine.complete(messages, None, GREEDY)
+        assert engine.complete(messages, None, GREEDY, prefix_messages=3) == plain  # computes the prefix
+        assert engine.complete(messages, None, GREEDY, prefix_messages=3) == plain  # reuses it
+
+        ids = engine.encode(messages)
+        with torch.no_grad():
+            whole = engine._forward(ids, "alpha", None).logits[0, -1]
+            cache, cached = engine._cached_prefix(fixed, ids, "alpha")
+            assert cached > 10
+            split = engine._forward(ids[:, cached:], "alpha", cache).logits[0, -1]
+        assert torch.argmax(whole) == torch.argmax(split)
+        assert float((whole - split).abs().max()) < 1e-2 * float(whole.abs().max())
+    assert {key[0] for key in engine._prefixes} == {None, "alpha"}
+
+
 def test_concurrent_requests_each_get_their_own_adapter(engine: Engine) -> None:
     adapters = [None, "alpha", "beta"]
     reference = {a: engine.complete(QUESTION, a, GREEDY) for a in adapters}

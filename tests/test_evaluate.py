@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from domainchat.domains import Domain, load_registry
+from domainchat.errors import BadInput
+from domainchat.evaluate import key_fact_recall, load_eval, markdown
+
+
+def test_key_fact_recall_is_case_insensitive_substring() -> None:
+    assert key_fact_recall("The limit is $7,000 for people under 50.", ["$7,000", "Under 50", "Roth"]) == 2 / 3
+    assert key_fact_recall("anything", []) == 0.0
+
+
+def test_shipped_eval_sets_are_valid(domains_dir: Path) -> None:
+    registry = load_registry(domains_dir)
+    for domain in registry.domains.values():
+        items = load_eval(domain)
+        answerable = [i for i in items if i.answerable]
+        assert len(answerable) >= 30 and len(items) - len(answerable) >= 10, domain.id
+        knowledge = domains_dir.parent / "knowledge" / domain.id
+        for item in answerable:
+            text = (knowledge / item.source).read_text(encoding="utf-8").lower()
+            assert item.key_facts and all(f.lower() in text for f in item.key_facts), item.id
+
+
+def test_malformed_eval_line_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "a", "question": "q", "answerable": False}) + "\n{oops\n")
+    domain = Domain(id="demo", title="Demo", description="", system_prompt="s", folder=tmp_path)
+    with pytest.raises(BadInput, match=r"eval.jsonl:2"):
+        load_eval(domain)
+
+
+def test_markdown_table() -> None:
+    report = {"domains": {"finance": {
+        "retrieval": {"hit_at_k": 1.0, "mrr": 0.9, "abstention_out_of_scope": 1.0, "false_abstention": 0.0},
+        "generation": {"base+rag": {"key_fact_recall": 0.5, "citation_rate": 0.25},
+                       "adapter+rag": {"key_fact_recall": None, "skipped": "no usable adapter"}}}}}
+    table = markdown(report)
+    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 0.5 / 0.25 | – |" in table
