@@ -18,6 +18,7 @@ from typing import Protocol
 from domainchat import prompts, safety
 from domainchat.domains import Domain, Registry, load_registry
 from domainchat.engine import Engine, GenerationParams
+from domainchat.errors import ConfigError
 from domainchat.knowledge import KnowledgeStore, Passage
 from domainchat.settings import Settings
 
@@ -90,6 +91,9 @@ class Assistant:
         first question does not pay for loading the embedder or repacking the 4-bit weights."""
         from concurrent.futures import ThreadPoolExecutor
 
+        if settings.llm_url:
+            raise ConfigError("DOMAINCHAT_LLM_URL (remote generation) is not supported yet; unset it to use the "
+                              "local engine.")
         registry = load_registry(settings.domains_dir)
 
         def open_knowledge() -> KnowledgeBase:

@@ -120,3 +120,11 @@ def test_done_carries_timing(assistant: Assistant) -> None:
     assert isinstance(done, Done)
     assert set(done.timing) == {"retrieval_ms", "ttft_ms", "total_ms", "tokens", "tokens_per_s"}
     assert done.timing["retrieval_ms"] > 0 and done.timing["total_ms"] >= done.timing["ttft_ms"]
+
+
+def test_remote_generation_is_refused_until_it_exists(tmp_path: Path) -> None:
+    from domainchat.errors import ConfigError
+
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_LLM_URL": "http://127.0.0.1:8000"})
+    with pytest.raises(ConfigError, match="not supported yet"):
+        Assistant.start(settings)

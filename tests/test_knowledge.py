@@ -168,3 +168,58 @@ def test_too_many_files_in_one_ingest(store: KnowledgeStore, tmp_path: Path, mon
 def test_missing_path(store: KnowledgeStore, tmp_path: Path) -> None:
     report = store.ingest("finance", [tmp_path / "absent.md"])
     assert report.files == 0 and "no such file" in report.errors[0]["error"]
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real Chroma server (`chroma run`, shipped with chromadb) on a free local port."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    executable = shutil.which("chroma")
+    if executable is None:
+        pytest.skip("the `chroma` command is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = tmp_path_factory.mktemp("chroma-server")
+    server = subprocess.Popen([executable, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        server.kill()
+        pytest.fail("the Chroma server did not start")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_a_chroma_server_works_like_the_embedded_store(chroma_server: str, tmp_path: Path, embeddings) -> None:
+    remote = KnowledgeStore.open(tmp_path / "home", chroma_server, embeddings)
+    folder = tmp_path / "knowledge"
+    write(folder, "roth.md", ROTH)
+    write(folder, "budget.md", BUDGET)
+    first = remote.sync_folder("finance", folder)
+    assert first.chunks_added > 0 and remote.sync_folder("finance", folder).chunks_added == 0
+    assert remote.search("finance", "Roth IRA contribution limit", 1)[0].source == "roth.md"
+    (folder / "budget.md").unlink()
+    assert remote.sync_folder("finance", folder).chunks_removed > 0
+    again = KnowledgeStore.open(tmp_path / "other-home", chroma_server, embeddings)  # a second replica
+    assert again.count("finance") == remote.count("finance")
+
+
+def test_an_unreachable_chroma_server_is_a_clear_error(tmp_path: Path) -> None:
+    from domainchat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DOMAINCHAT_CHROMA_URL=http://127.0.0.1:9: cannot reach"):
+        KnowledgeStore.open(tmp_path, "http://127.0.0.1:9")
