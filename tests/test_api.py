@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 
+from conftest import free_port
 from domainchat.api import Admission, mount_api
 from domainchat.chat import Assistant, sync_knowledge
 from domainchat.domains import load_registry
@@ -26,9 +26,7 @@ pytestmark = pytest.mark.model
 def serve_in_thread(app: FastAPI) -> str:
     import uvicorn
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 30

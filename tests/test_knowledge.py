@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import minimal_pdf
+from conftest import free_port, minimal_pdf, wait_for_http
 from domainchat import knowledge
 from domainchat.knowledge import KnowledgeStore
 
@@ -174,31 +174,17 @@ def test_missing_path(store: KnowledgeStore, tmp_path: Path) -> None:
 def chroma_server(tmp_path_factory: pytest.TempPathFactory):
     """A real Chroma server (`chroma run`, shipped with chromadb) on a free local port."""
     import shutil
-    import socket
     import subprocess
-    import time
-    import urllib.request
 
     executable = shutil.which("chroma")
     if executable is None:
         pytest.skip("the `chroma` command is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     path = tmp_path_factory.mktemp("chroma-server")
     server = subprocess.Popen([executable, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        server.kill()
-        pytest.fail("the Chroma server did not start")
+    wait_for_http(f"{url}/api/v2/heartbeat", server, 60)
     yield url
     server.terminate()
     server.wait(timeout=30)

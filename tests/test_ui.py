@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import free_port, wait_for_http
 from domainchat.settings import PROJECT_ROOT
 
 pytestmark = pytest.mark.model
@@ -23,12 +21,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 SHOTS = PROJECT_ROOT / "out" / "screenshots"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +41,7 @@ def app_url(settings, test_adapters, tmp_path_factory: pytest.TempPathFactory):
     server = subprocess.Popen([sys.executable, "-m", "domainchat", "serve", "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the app exited: {(root / 'server.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        server.kill()
-        pytest.fail("the app did not start within 300 s")
+    wait_for_http(url, server, 300, root / "server.log")
     yield url
     server.terminate()
     server.wait(timeout=30)
