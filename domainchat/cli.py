@@ -173,13 +173,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from domainchat import evaluate
+    from domainchat.domains import load_registry
+    from domainchat.settings import load_settings
 
-    assistant = _start_assistant()
-    domain_ids = [assistant.registry.get(args.domain).id] if args.domain else list(assistant.registry.domains)
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in evaluate.CONFIGS]
     if unknown:
         raise BadInput(f"unknown configuration {unknown[0]!r}; choose from {', '.join(evaluate.CONFIGS)}.")
+    registry = load_registry(load_settings().domains_dir)  # fail fast, before loading the model
+    domain_ids = [registry.get(args.domain).id] if args.domain else list(registry.domains)
+    for domain_id in domain_ids:
+        evaluate.load_eval(registry.get(domain_id))
+    assistant = _start_assistant()
     with tqdm(desc="eval", unit="answer", disable=args.json, file=sys.stderr) as bar:
         report = evaluate.run_eval(assistant, domain_ids, configs, args.limit,
                                    progress=lambda what: (bar.set_postfix_str(what), bar.update()))

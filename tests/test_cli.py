@@ -77,3 +77,10 @@ def test_ingest_unknown_domain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     monkeypatch.setenv("DOMAINCHAT_HOME", str(tmp_path / "home"))
     assert main(["ingest", "--domain", "astrology", str(tmp_path)]) == 2
     assert "Unknown domain" in capsys.readouterr().err
+
+
+def test_eval_bad_configuration_fails_before_loading_anything(capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", "--configs", "base,turbo"]) == 2
+    assert "unknown configuration 'turbo'" in capsys.readouterr().err
+    assert main(["eval", "--domain", "astrology"]) == 2
+    assert "Unknown domain" in capsys.readouterr().err
