@@ -192,10 +192,8 @@ def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> 
     model = body.model
     if model == BASE_RAW or model.endswith(RAW_SUFFIX):
         domain_id = None if model == BASE_RAW else model[: -len(RAW_SUFFIX)]
-        if domain_id is not None:
-            assistant.registry.get(domain_id)
+        adapter = assistant.adapter_for(assistant.registry.get(domain_id))[0] if domain_id else None
         params = _params(assistant, domain_id or next(iter(assistant.registry.domains)), body)
-        adapter = domain_id if domain_id and assistant.engine.available(domain_id) and domain_id in assistant.engine.adapters else None
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages if m.role in ("system", "developer", "user", "assistant")]
         if sum(len(m["content"]) for m in messages) > 64_000:

@@ -136,8 +136,7 @@ def run_eval(
         answerable = [i for i in items if i.answerable][:limit] if limit else items
         for config in configs:
             use_adapter = CONFIGS[config][0]
-            if use_adapter and not assistant.engine.available(domain.id) or (
-                    use_adapter and domain.id not in assistant.engine.adapters):
+            if use_adapter and assistant.adapter_for(domain)[0] is None:
                 entry["generation"][config] = {"key_fact_recall": None, "skipped": "no usable adapter"}
                 continue
             entry["generation"][config] = generation_metrics(assistant, domain, answerable, config, progress)
@@ -161,12 +160,29 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, out_dir: Path) -> list[Path]:
+def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> Path:
+    """Grouped bars: one group per domain, one bar per series, values in 0..1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(groups))], groups)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (out_dir / "eval.md").write_text("# domainchat eval\n\n" + markdown(report), encoding="utf-8")
@@ -174,33 +190,12 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     domains = list(report["domains"])
     configs = sorted({c for d in report["domains"].values() for c in d["generation"]}, key=list(CONFIGS).index)
     if configs:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        width = 0.8 / len(configs)
-        for i, config in enumerate(configs):
-            values = [report["domains"][d]["generation"][config].get("key_fact_recall") or 0 for d in domains]
-            ax.bar([x + i * width for x in range(len(domains))], values, width, label=config)
-        ax.set_xticks([x + width * (len(configs) - 1) / 2 for x in range(len(domains))], domains)
-        ax.set_ylabel("key-fact recall")
-        ax.set_ylim(0, 1)
-        ax.legend()
-        ax.set_title("Key facts in generated answers, per configuration")
-        fig.tight_layout()
-        fig.savefig(out_dir / "key_facts.png", dpi=100)
-        plt.close(fig)
-        written.append(out_dir / "key_facts.png")
-    fig, ax = plt.subplots(figsize=(8, 4))
+        series = {c: [report["domains"][d]["generation"][c].get("key_fact_recall") or 0 for d in domains] for c in configs}
+        written.append(_bar_chart(out_dir / "key_facts.png", domains, series,
+                                  "Key facts in generated answers, per configuration", "key-fact recall"))
     metrics = ["hit_at_k", "mrr", "abstention_out_of_scope"]
-    for i, metric in enumerate(metrics):
-        ax.bar([x + i * 0.27 for x in range(len(domains))], [report["domains"][d]["retrieval"][metric] for d in domains],
-               0.27, label=metric)
-    ax.set_xticks([x + 0.27 for x in range(len(domains))], domains)
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.set_title("Retrieval")
-    fig.tight_layout()
-    fig.savefig(out_dir / "retrieval.png", dpi=100)
-    plt.close(fig)
-    written.append(out_dir / "retrieval.png")
+    series = {m: [report["domains"][d]["retrieval"][m] for d in domains] for m in metrics}
+    written.append(_bar_chart(out_dir / "retrieval.png", domains, series, "Retrieval", ""))
     return written
 
 
