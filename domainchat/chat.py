@@ -140,6 +140,28 @@ class Assistant:
                          "adapter_loaded": False, "adapter_status": None, "chunks": 0, "error": reason})
         return rows
 
+    def retrieve(self, domain: Domain, question: str) -> list[Passage]:
+        """The passages an answer may use: the best k at or above the domain's min_score ([] = abstain)."""
+        assert self.knowledge is not None
+        found = self.knowledge.search(domain.id, question, domain.retrieval.k)
+        return [p for p in found if p.score >= domain.retrieval.min_score]
+
+    def render(self, domain: Domain, question: str, history: Sequence[tuple[str, str]],
+               passages: list[Passage] | None, use_few_shot: bool, max_new_tokens: int) -> prompts.Rendered:
+        budget = min(PROMPT_BUDGET_TOKENS, self.engine.context_window - max_new_tokens)
+        return prompts.render(domain, question, history, passages, count_tokens=self.engine.count_tokens,
+                              budget=budget, with_few_shot=use_few_shot)
+
+    def reference_nll(self, domain_id: str, question: str, reference: str, use_adapter: bool) -> tuple[float, int]:
+        """(summed NLL, tokens) of a reference answer given the prompt `answer` would send, retrieval on,
+        with the domain's adapter or the base alone: what eval turns into perplexity."""
+        domain = self.registry.get(domain_id)
+        adapter = self.adapter_for(domain)[0] if use_adapter else None
+        passages = self.retrieve(domain, question) if self.knowledge is not None else None
+        rendered = self.render(domain, question, (), passages, prompts.few_shot_for(with_adapter=adapter is not None),
+                               domain.generation.max_new_tokens)
+        return self.engine.answer_nll(rendered.messages, reference, adapter)
+
     def answer(
         self,
         domain_id: str,
@@ -148,11 +170,14 @@ class Assistant:
         *,
         use_retrieval: bool = True,
         use_adapter: bool = True,
-        use_few_shot: bool = True,
+        use_few_shot: bool | None = None,
         cancel: threading.Event | None = None,
         params: GenerationParams | None = None,
     ) -> Iterator[Event]:
-        """Answer `question` in `domain_id`, given earlier (user, assistant) turns, as a stream of events."""
+        """Answer `question` in `domain_id`, given earlier (user, assistant) turns, as a stream of events.
+
+        `use_few_shot` None means as served: few-shot examples for the base model, none for an adapter
+        (prompts.few_shot_for)."""
         started = time.perf_counter()
         domain = self.registry.get(domain_id)
         question = safety.clean_question(question)
@@ -176,9 +201,8 @@ class Assistant:
         passages: list[Passage] | None = None
         if use_retrieval and self.knowledge is not None:
             t0 = time.perf_counter()
-            found = self.knowledge.search(domain.id, question, domain.retrieval.k)
+            passages = self.retrieve(domain, question)
             timing["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            passages = [p for p in found if p.score >= domain.retrieval.min_score]
             if not passages:
                 yield Notice("abstain", "Nothing in this domain's knowledge base matches the question.")
                 yield Token(domain.abstain_message)
@@ -195,11 +219,9 @@ class Assistant:
             repetition_penalty=domain.generation.repetition_penalty,
             no_repeat_ngram=domain.generation.no_repeat_ngram,
         )
-        budget = min(PROMPT_BUDGET_TOKENS, self.engine.context_window - params.max_new_tokens)
-        rendered = prompts.render(
-            domain, question, history, passages, count_tokens=self.engine.count_tokens, budget=budget,
-            with_few_shot=use_few_shot,
-        )
+        if use_few_shot is None:
+            use_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)
+        rendered = self.render(domain, question, history, passages, use_few_shot, params.max_new_tokens)
         prompt_tokens = rendered.tokens
         if rendered.passages:
             yield Sources(rendered.passages)

@@ -466,6 +466,21 @@ class Engine:
         if len(text) > len(emitted):
             yield text[len(emitted):]
 
+    def answer_nll(self, messages: Sequence[Mapping[str, str]], answer: str, adapter: str | None = None) -> tuple[float, int]:
+        """(summed negative log-likelihood, token count) of `answer` as the assistant's reply to
+        `messages` with `adapter`, end-of-turn token included: the quantity behind perplexity."""
+        if not self.available(adapter):
+            raise BadInput(f"Adapter '{adapter}' cannot be used.")
+        prompt = self.encode(messages)
+        reply = self.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt").to(self.device)
+        ids = torch.cat([prompt, reply], dim=1)
+        if ids.shape[1] > self.context_window:
+            raise TooLarge(f"{ids.shape[1]} tokens exceed the model's context window ({self.context_window}).")
+        with torch.no_grad():
+            logits = self._forward(ids, adapter, None, last_only=False).logits[0, prompt.shape[1] - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, reply[0], reduction="sum")
+        return float(nll), int(reply.shape[1])
+
     def complete(self, messages, adapter=None, params: GenerationParams = GenerationParams(),
                  prefix_messages: int = 0) -> str:
         return "".join(self.stream(messages, adapter, params, prefix_messages=prefix_messages))

@@ -1,14 +1,16 @@
 """Evaluate: the quality harness (`domainchat eval`) over each domain's held-out eval.jsonl.
 
-Measures retrieval (hit@k, MRR), abstention on out-of-scope questions, and the key-fact recall of
-generated answers under several configurations (base model or adapter, with or without
-retrieval), and writes eval.json, eval.md and bar charts. It drives the pipeline only through
+Measures retrieval (hit@k, MRR), abstention on out-of-scope questions, the perplexity of the
+reference answers with and without the domain's adapter, and the key-fact recall of generated
+answers under several configurations (base model or adapter, with or without retrieval), and
+writes eval.json, eval.md, side-by-side samples and bar charts. It drives the pipeline only through
 `chat.Assistant` and knows nothing of how the pieces inside work.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -21,14 +23,15 @@ from domainchat.engine import GenerationParams
 from domainchat.errors import BadInput
 
 EVAL_FILE = "eval.jsonl"
-# name -> (use_adapter, use_retrieval, use_few_shot)
-CONFIGS: dict[str, tuple[bool, bool, bool]] = {
-    "base": (False, False, True),
-    "base+rag": (False, True, True),
+# name -> (use_adapter, use_retrieval, use_few_shot); None = as served (prompts.few_shot_for)
+CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
+    "base": (False, False, None),
+    "base+rag": (False, True, None),
     "base+rag-no-fewshot": (False, True, False),
-    "adapter": (True, False, True),
-    "adapter+rag": (True, True, True),
+    "adapter": (True, False, None),
+    "adapter+rag": (True, True, None),
 }
+SIDE_BY_SIDE = 5  # answers per domain in samples_<domain>.md
 CITATION = re.compile(r"\[\d+\]")
 EVAL_PARAMS = GenerationParams(max_new_tokens=160, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
 
@@ -123,6 +126,25 @@ def generation_metrics(
             "answered": len(recalls), "abstained": abstained, "samples": samples}
 
 
+def perplexity_metrics(assistant: Assistant, domain: Domain, items: Sequence[EvalItem],
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """Perplexity of the reference answers, retrieval on, base versus the domain's adapter: each
+    prompt exactly as served (prompts.few_shot_for). Token-weighted over all answers."""
+    scored = [i for i in items if i.answerable and i.reference_answer]
+    report: dict = {"answers": len(scored)}
+    for label, use_adapter in (("base", False), ("adapter", True)):
+        total, tokens = 0.0, 0
+        for item in scored:
+            nll, n = assistant.reference_nll(domain.id, item.question, item.reference_answer, use_adapter)
+            total, tokens = total + nll, tokens + n
+            if progress:
+                progress(f"{domain.id} perplexity {label}")
+        report[label] = round(math.exp(total / tokens), 3) if tokens else None
+    if report.get("base") and report.get("adapter"):
+        report["ratio"] = round(report["adapter"] / report["base"], 3)
+    return report
+
+
 def run_eval(
     assistant: Assistant, domain_ids: Sequence[str], configs: Sequence[str], limit: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -134,6 +156,10 @@ def run_eval(
         items = load_eval(domain)
         entry: dict = {"retrieval": retrieval_metrics(assistant, domain, items), "generation": {}}
         answerable = [i for i in items if i.answerable][:limit] if limit else items
+        if assistant.adapter_for(domain)[0] is not None:
+            entry["perplexity"] = perplexity_metrics(assistant, domain, answerable, progress)
+        else:
+            entry["perplexity"] = {"skipped": "no usable adapter"}
         for config in configs:
             use_adapter = CONFIGS[config][0]
             if use_adapter and assistant.adapter_for(domain)[0] is None:
@@ -146,12 +172,13 @@ def run_eval(
 
 def markdown(report: dict) -> str:
     configs = sorted({c for d in report["domains"].values() for c in d["generation"]}, key=list(CONFIGS).index)
-    lines = ["| domain | hit@k | MRR | abstain (out of scope) | false abstain | "
+    lines = ["| domain | hit@k | MRR | abstain (out of scope) | false abstain | perplexity base → adapter (ratio) | "
              + " | ".join(f"key facts / cited: {c}" for c in configs) + " |",
-             "|---|---|---|---|---|" + "---|" * len(configs)]
+             "|---|---|---|---|---|---|" + "---|" * len(configs)]
     for domain_id, entry in report["domains"].items():
         r = entry["retrieval"]
-        cells = []
+        ppl = entry.get("perplexity", {})
+        cells = [f"{ppl['base']} → {ppl['adapter']} ({ppl.get('ratio')})" if ppl.get("adapter") else "–"]
         for c in configs:
             g = entry["generation"][c]
             cells.append("–" if g.get("key_fact_recall") is None else f"{g['key_fact_recall']} / {g.get('citation_rate')}")
@@ -160,8 +187,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def side_by_side(report: dict, domain_id: str, left: str = "base+rag", right: str = "adapter+rag",
+                 count: int = SIDE_BY_SIDE) -> str | None:
+    """Markdown with the first `count` answers of two configurations next to each other, or None
+    when either configuration did not run for the domain."""
+    generation = report["domains"][domain_id]["generation"]
+    if "samples" not in generation.get(left, {}) or "samples" not in generation.get(right, {}):
+        return None
+    lines = [f"# {domain_id}: {left} versus {right}", ""]
+    for a, b in list(zip(generation[left]["samples"], generation[right]["samples"]))[:count]:
+        lines += [f"## {a['id']}: {a['question']}", "",
+                  f"**{left}** (key facts {a['recall']}):", "", "> " + a["answer"].replace("\n", "\n> "), "",
+                  f"**{right}** (key facts {b['recall']}):", "", "> " + b["answer"].replace("\n", "\n> "), ""]
+    return "\n".join(lines)
+
+
 def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> Path:
-    """Grouped bars: one group per domain, one bar per series, values in 0..1."""
+    """Grouped bars: one group per domain, one bar per series (scores or ratios, from 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +215,7 @@ def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ti
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(groups))], groups)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, max([1.05] + [v * 1.1 for values in series.values() for v in values]))
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
@@ -193,6 +235,16 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
         series = {c: [report["domains"][d]["generation"][c].get("key_fact_recall") or 0 for d in domains] for c in configs}
         written.append(_bar_chart(out_dir / "key_facts.png", domains, series,
                                   "Key facts in generated answers, per configuration", "key-fact recall"))
+    for domain_id in domains:
+        text = side_by_side(report, domain_id)
+        if text:
+            (out_dir / f"samples_{domain_id}.md").write_text(text, encoding="utf-8")
+            written.append(out_dir / f"samples_{domain_id}.md")
+    measured = [d for d in domains if report["domains"][d].get("perplexity", {}).get("ratio")]
+    if measured:
+        ratios = {"adapter / base perplexity": [report["domains"][d]["perplexity"]["ratio"] for d in measured]}
+        written.append(_bar_chart(out_dir / "perplexity.png", measured, ratios,
+                                  "Reference-answer perplexity, adapter relative to base (lower is better)", "ratio"))
     metrics = ["hit_at_k", "mrr", "abstention_out_of_scope"]
     series = {m: [report["domains"][d]["retrieval"][m] for d in domains] for m in metrics}
     written.append(_bar_chart(out_dir / "retrieval.png", domains, series, "Retrieval", ""))
@@ -327,10 +379,12 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         store = KnowledgeStore.open(settings.home, settings.chroma_url)
         question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
         passages = store.search(domain.id, question, domain.retrieval.k)
-        rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048)
-        fixed = 1 + 2 * len(domain.few_shot)
-        report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
         adapter = domain.id if engine.available(domain.id) else None
+        with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
+        rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048,
+                                  with_few_shot=with_few_shot)
+        fixed = 1 + (2 * len(domain.few_shot) if with_few_shot else 0)
+        report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
         report["ttft_rag_s"] = round(statistics.median(
             _timed_stream(engine, rendered.messages, adapter, one_token)[0] for _ in range(runs)), 3)
         _timed_stream(engine, rendered.messages, adapter, one_token, fixed)  # computes the prefix once

@@ -64,6 +64,13 @@ def few_shot_messages(domain: Domain, with_passages: bool) -> list[Message]:
     return messages
 
 
+def few_shot_for(with_adapter: bool) -> bool:
+    """Whether a prompt carries the domain's few-shot examples. An adapter learned the domain's format
+    from train.jsonl on prompts without them (see train.py), so it is served without them too, which
+    also makes its prompts shorter; the base model needs them to learn the format in context."""
+    return not with_adapter
+
+
 def render(
     domain: Domain,
     question: str,

@@ -158,7 +158,8 @@ def tokenize_example(tokenizer, domain: Domain, example: Example, passages: list
     budget = max_length - len(answer_ids) - 8
     if budget <= 0:
         return None
-    rendered = prompts.render(domain, example.question, example.history, passages, count_tokens=count, budget=budget)
+    rendered = prompts.render(domain, example.question, example.history, passages, count_tokens=count, budget=budget,
+                              with_few_shot=prompts.few_shot_for(with_adapter=True))
     prompt_ids = tokenizer.apply_chat_template(rendered.messages, add_generation_prompt=True, tokenize=True)
     if not isinstance(prompt_ids, list):
         prompt_ids = prompt_ids["input_ids"]

@@ -31,6 +31,10 @@ class RecordingEngine:
         self.calls.append((list(messages), adapter))
         yield from ["An ", "answer ", "[1]."]
 
+    def answer_nll(self, messages, answer, adapter=None) -> tuple[float, int]:
+        self.calls.append((list(messages), adapter))
+        return 1.0, 2
+
 
 @pytest.fixture
 def assistant(store, tmp_path: Path, domains_dir: Path) -> Assistant:
@@ -100,6 +104,24 @@ def test_no_retrieval_and_no_adapter_switches(assistant: Assistant) -> None:
     assert not [e for e in events if isinstance(e, Sources)]
     messages, adapter = assistant.engine.calls[0]
     assert adapter is None and messages[-1]["content"] == "What is the Roth IRA limit?"
+
+
+def test_few_shot_examples_go_to_the_base_model_only(assistant: Assistant) -> None:
+    shots = 2 * len(assistant.registry.get("finance").few_shot)
+    assert shots > 0
+    run(assistant, "finance", "What is the Roth IRA limit?")
+    run(assistant, "finance", "What is the Roth IRA limit?", use_adapter=False)
+    run(assistant, "finance", "What is the Roth IRA limit?", use_adapter=False, use_few_shot=False)
+    with_adapter, base, bare = (len(messages) for messages, _ in assistant.engine.calls)
+    assert (with_adapter, base, bare) == (2, 2 + shots, 2)
+
+
+def test_reference_nll_scores_the_prompt_answer_would_send(assistant: Assistant) -> None:
+    for use_adapter in (True, False):
+        run(assistant, "finance", "What is the Roth IRA limit?", use_adapter=use_adapter)
+        assert assistant.reference_nll("finance", "What is the Roth IRA limit?", "It is $7,000.", use_adapter) == (1.0, 2)
+        answered, scored = assistant.engine.calls[-2:]
+        assert answered == scored
 
 
 def test_history_reaches_the_prompt(assistant: Assistant) -> None:

@@ -78,6 +78,16 @@ def test_greedy_matches_transformers_generate(engine: Engine) -> None:
         assert ours == expected.strip() or ours == expected
 
 
+def test_answer_nll_scores_the_reply_the_model_would_give(engine: Engine) -> None:
+    greedy = engine.complete(QUESTION, "alpha", GREEDY)
+    nll, tokens = engine.answer_nll(QUESTION, greedy, "alpha")
+    assert tokens == engine.count_tokens(greedy) + 1  # the reply plus its end-of-turn token
+    scrambled = " ".join(reversed(greedy.split()))
+    other_nll, other_tokens = engine.answer_nll(QUESTION, scrambled, "alpha")
+    assert nll / tokens < other_nll / other_tokens
+    assert engine.answer_nll(QUESTION, greedy, None)[0] != pytest.approx(nll, rel=1e-6)  # routed per adapter
+
+
 def test_prefix_cache_matches_the_uncached_path(engine: Engine) -> None:
     """Base model: the same greedy tokens. With an adapter, the next-token logits agree to within a
     few percent and pick the same token, but not exactly: the 4-bit CPU kernels and the fp32 LoRA

@@ -7,7 +7,7 @@ import pytest
 
 from domainchat.domains import Domain, load_registry
 from domainchat.errors import BadInput
-from domainchat.evaluate import key_fact_recall, load_eval, markdown
+from domainchat.evaluate import key_fact_recall, load_eval, markdown, side_by_side, write_report
 
 
 def test_key_fact_recall_is_case_insensitive_substring() -> None:
@@ -40,4 +40,23 @@ def test_markdown_table() -> None:
         "generation": {"base+rag": {"key_fact_recall": 0.5, "citation_rate": 0.25},
                        "adapter+rag": {"key_fact_recall": None, "skipped": "no usable adapter"}}}}}
     table = markdown(report)
-    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 0.5 / 0.25 | – |" in table
+    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | – | 0.5 / 0.25 | – |" in table
+    report["domains"]["finance"]["perplexity"] = {"base": 9.0, "adapter": 6.0, "ratio": 0.667}
+    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 9.0 → 6.0 (0.667) | 0.5 / 0.25 | – |" in markdown(report)
+
+
+def test_side_by_side_pairs_answers_of_two_configurations(tmp_path: Path) -> None:
+    def samples(word: str) -> dict:
+        return {"key_fact_recall": 0.5, "citation_rate": 1.0, "samples": [
+            {"id": f"q{i}", "question": f"Question {i}?", "answer": f"{word} {i}", "recall": 0.5} for i in range(7)]}
+
+    report = {"domains": {"finance": {
+        "retrieval": {"hit_at_k": 1.0, "mrr": 1.0, "abstention_out_of_scope": 1.0, "false_abstention": 0.0},
+        "perplexity": {"base": 9.0, "adapter": 6.0, "ratio": 0.667},
+        "generation": {"base+rag": samples("base"), "adapter+rag": samples("tuned")}}}}
+    text = side_by_side(report, "finance")
+    assert text.count("## q") == 5 and "> base 4" in text and "> tuned 4" in text and "q5" not in text
+    written = {p.name for p in write_report(report, tmp_path)}
+    assert {"samples_finance.md", "perplexity.png", "key_facts.png", "eval.md"} <= written
+    del report["domains"]["finance"]["generation"]["adapter+rag"]
+    assert side_by_side(report, "finance") is None

@@ -130,3 +130,28 @@ def test_shipped_training_data_parses() -> None:
         sources = {e.source for e in examples if e.source}
         knowledge = {p.name for p in (PROJECT_ROOT / "knowledge" / path.parent.name).glob("*.md")}
         assert sources <= knowledge, sources - knowledge
+
+
+@pytest.mark.model
+def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Path, domains_dir: Path) -> None:
+    """The adapter learns from exactly what chat sends it: system prompt, passages, no few-shot."""
+    from transformers import AutoTokenizer
+
+    from domainchat import prompts
+    from domainchat.knowledge import Passage
+    from domainchat.train import Example, tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
+    domain = load_domain(domains_dir / "finance")
+    assert domain.few_shot
+    passages = [Passage(id="a:0:x", source="ira.md", title="IRAs", score=0.9, text="The 2025 limit is $7,000.")]
+    example = Example(kind="grounded", question="What is the Roth IRA limit?", history=(), source="ira.md",
+                      answer="It is $7,000 [1].", line=1)
+    ids, labels = tokenize_example(tokenizer, domain, example, passages, example.answer, 2048)
+    served = prompts.render(domain, example.question, (), passages, budget=2048,
+                            count_tokens=lambda t: len(tokenizer.encode(t, add_special_tokens=False)),
+                            with_few_shot=prompts.few_shot_for(with_adapter=True))
+    prompt = tokenizer.apply_chat_template(served.messages, add_generation_prompt=True, tokenize=True)
+    prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
+    assert ids[: len(prompt)] == list(prompt) and all(label == -100 for label in labels[: len(prompt)])
+    assert tokenizer.decode(ids[len(prompt):], skip_special_tokens=True).strip() == example.answer
