@@ -1,8 +1,9 @@
 """API: OpenAI-compatible HTTP endpoints, mounted beside the UI on the same server.
 
 `GET /v1/models` lists one model per domain (the whole pipeline: retrieval, template, adapter),
-one `<domain>:raw` per domain (that domain's adapter on the given messages, nothing else — what a
-vLLM LoRA module serves, so one domainchat can be another's generation server) and `base:raw`.
+one `<domain>:raw` per domain with a usable adapter (that adapter on the given messages, nothing
+else — what a vLLM LoRA module serves, so one domainchat can be another's generation server) and
+`base:raw`.
 `POST /v1/chat/completions` speaks the OpenAI schema, streaming (server-sent events ending in
 `data: [DONE]`) or not, and adds `sources` and `adapter` to the response. Errors use OpenAI's error
 format. This module translates HTTP to `chat.Assistant` / engine calls and knows nothing else.
@@ -24,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from domainchat.chat import Assistant, Done, Notice, Sources, Token
 from domainchat.engine import GenerationParams
-from domainchat.errors import BadInput, Busy, DomainchatError, TooLarge, UnknownDomain
+from domainchat.errors import BadInput, Busy, DomainchatError, ModelUnavailable, TooLarge, UnknownDomain
 
 RAW_SUFFIX = ":raw"
 BASE_RAW = "base:raw"
@@ -58,6 +59,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's and TGI's extension
     user: str | None = None
 
 
@@ -96,6 +98,8 @@ def _status_for(exc: DomainchatError) -> tuple[int, str, str]:
         return 429, "rate_limit_error", "busy"
     if isinstance(exc, BadInput):
         return 400, "invalid_request_error", "bad_input"
+    if isinstance(exc, ModelUnavailable):
+        return 503, "server_error", "model_unavailable"
     return 500, "server_error", "internal"
 
 
@@ -123,8 +127,10 @@ def mount_api(app: FastAPI, assistant: Assistant, admission: Admission | None = 
         created = int(time.time())
         ids = list(assistant.registry.domains)
         models = [{"id": i, "object": "model", "created": created, "owned_by": "domainchat"} for i in ids]
+        # `<id>:raw` is an adapter, as a vLLM LoRA module is: listed only where one is usable
+        tuned = [i for i in ids if assistant.adapter_for(assistant.registry.get(i))[0] is not None]
         models += [{"id": i + RAW_SUFFIX, "object": "model", "created": created, "owned_by": "domainchat",
-                    "parent": BASE_RAW} for i in ids]
+                    "parent": BASE_RAW} for i in tuned]
         models.append({"id": BASE_RAW, "object": "model", "created": created, "owned_by": "domainchat", "parent": None})
         return {"object": "list", "data": models}
 
@@ -178,7 +184,7 @@ def _params(assistant: Assistant, domain_id: str, body: ChatRequest) -> Generati
         max_new_tokens=max_new,
         temperature=generation.temperature if body.temperature is None else body.temperature,
         top_p=generation.top_p if body.top_p is None else body.top_p,
-        repetition_penalty=generation.repetition_penalty,
+        repetition_penalty=generation.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
         no_repeat_ngram=generation.no_repeat_ngram,
         seed=body.seed,
     )
@@ -192,7 +198,9 @@ def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> 
     model = body.model
     if model == BASE_RAW or model.endswith(RAW_SUFFIX):
         domain_id = None if model == BASE_RAW else model[: -len(RAW_SUFFIX)]
-        adapter = assistant.adapter_for(assistant.registry.get(domain_id))[0] if domain_id else None
+        adapter, why_base = assistant.adapter_for(assistant.registry.get(domain_id)) if domain_id else (None, None)
+        if domain_id and adapter is None:
+            raise UnknownDomain(f"Model '{model}' is not served ({why_base}); use '{BASE_RAW}' for the base model.")
         params = _params(assistant, domain_id or next(iter(assistant.registry.domains)), body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages if m.role in ("system", "developer", "user", "assistant")]

@@ -18,8 +18,8 @@ from typing import Protocol
 from domainchat import prompts, safety
 from domainchat.domains import Domain, Registry, load_registry
 from domainchat.engine import Engine, GenerationParams
-from domainchat.errors import ConfigError
 from domainchat.knowledge import KnowledgeStore, Passage
+from domainchat.remote import RemoteEngine
 from domainchat.settings import Settings
 
 PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
@@ -77,7 +77,7 @@ def sync_knowledge(store: KnowledgeStore, settings: Settings, registry: Registry
 class Assistant:
     """Domains + engine + knowledge, answering one question at a time per call (thread-safe)."""
 
-    def __init__(self, settings: Settings, registry: Registry, engine: Engine, knowledge: KnowledgeBase | None):
+    def __init__(self, settings: Settings, registry: Registry, engine: Engine | RemoteEngine, knowledge: KnowledgeBase | None):
         self.settings = settings
         self.registry = registry
         self.engine = engine
@@ -91,9 +91,6 @@ class Assistant:
         first question does not pay for loading the embedder or repacking the 4-bit weights."""
         from concurrent.futures import ThreadPoolExecutor
 
-        if settings.llm_url:
-            raise ConfigError("DOMAINCHAT_LLM_URL (remote generation) is not supported yet; unset it to use the "
-                              "local engine.")
         registry = load_registry(settings.domains_dir)
 
         def open_knowledge() -> KnowledgeBase:
@@ -106,7 +103,11 @@ class Assistant:
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             opening = pool.submit(open_knowledge)
-            engine = Engine.start(settings, adapter_dirs(settings, registry))
+            engine: Engine | RemoteEngine
+            if settings.llm_url:  # a generation server holds the model and the adapters
+                engine = RemoteEngine.start(settings, list(registry.domains))
+            else:
+                engine = Engine.start(settings, adapter_dirs(settings, registry))
             engine.warm_up()
             store = opening.result()
         return cls(settings, registry, engine, store)

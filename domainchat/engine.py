@@ -58,7 +58,7 @@ class GenerationParams:
 @dataclass(frozen=True)
 class AdapterStatus:
     name: str
-    path: Path
+    path: Path | str  # its folder, or its model name on a generation server
     loaded: bool
     reason: str | None = None  # why it is unavailable, when loaded is False
 

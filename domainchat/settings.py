@@ -28,6 +28,9 @@ class Settings:
     quant: str = "nf4"
     chroma_url: str | None = None
     llm_url: str | None = None
+    llm_adapter_name: str = "{adapter}"  # the model name a generation server gives each adapter
+    llm_base_name: str = "base"  # ... and the base model alone
+    llm_api_key: str | None = None
     api_key: str | None = None
     domains_dir: Path = PROJECT_ROOT / "domains"
     knowledge_dir: Path = PROJECT_ROOT / "knowledge"
@@ -44,6 +47,11 @@ class Settings:
         for name, url in (("DOMAINCHAT_CHROMA_URL", self.chroma_url), ("DOMAINCHAT_LLM_URL", self.llm_url)):
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{name}={url!r} must start with http:// or https://.")
+        if "{adapter}" not in self.llm_adapter_name or self.llm_adapter_name.replace("{adapter}", "").count("{"):
+            raise ConfigError(f"DOMAINCHAT_LLM_ADAPTER_NAME={self.llm_adapter_name!r} must contain '{{adapter}}' "
+                              "and no other braces, e.g. '{adapter}' for vLLM or '{adapter}:raw' for domainchat.")
+        if not self.llm_base_name.strip():
+            raise ConfigError("DOMAINCHAT_LLM_BASE_NAME is empty: name the server's base model, e.g. 'base'.")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"DOMAINCHAT_THREADS={self.threads} must be a positive integer.")
 
@@ -83,6 +91,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         quant=env.get("DOMAINCHAT_QUANT", "").strip().lower() or "nf4",
         chroma_url=env.get("DOMAINCHAT_CHROMA_URL", "").strip() or None,
         llm_url=env.get("DOMAINCHAT_LLM_URL", "").strip() or None,
+        llm_adapter_name=env.get("DOMAINCHAT_LLM_ADAPTER_NAME", "").strip() or "{adapter}",
+        llm_base_name=env.get("DOMAINCHAT_LLM_BASE_NAME", "").strip() or "base",
+        llm_api_key=env.get("DOMAINCHAT_LLM_API_KEY", "").strip() or None,
         api_key=env.get("DOMAINCHAT_API_KEY", "").strip() or None,
         domains_dir=path("DOMAINCHAT_DOMAINS_DIR", PROJECT_ROOT / "domains"),
         knowledge_dir=path("DOMAINCHAT_KNOWLEDGE_DIR", PROJECT_ROOT / "knowledge"),

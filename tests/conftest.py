@@ -76,6 +76,48 @@ def engine(settings: Settings, test_adapters: dict[str, Path]):
     return Engine.start(settings, test_adapters)
 
 
+@pytest.fixture(scope="session")
+def domain_assistant(settings: Settings, test_adapters: dict[str, Path], embeddings):
+    """The shipped domains and knowledge, served by a real engine whose 'finance' and 'legal'
+    adapters are the test adapters alpha and beta (the other domains have none)."""
+    from domainchat.chat import Assistant, sync_knowledge
+    from domainchat.domains import load_registry
+    from domainchat.engine import Engine
+    from domainchat.knowledge import KnowledgeStore
+
+    registry = load_registry(PROJECT_ROOT / "domains")
+    store = KnowledgeStore.open(settings.home, None, embeddings)
+    sync_knowledge(store, settings, registry)
+    engine = Engine.start(settings, {"finance": test_adapters["alpha"], "legal": test_adapters["beta"]})
+    return Assistant(settings, registry, engine, store)
+
+
+def serve_in_thread(app) -> str:
+    """Serve an ASGI app with uvicorn on a free port in a daemon thread; returns its /v1 URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="session")
+def api_url(domain_assistant) -> str:
+    """A live domainchat API (the OpenAI-compatible endpoints) over `domain_assistant`."""
+    from fastapi import FastAPI
+
+    from domainchat.api import mount_api
+
+    return serve_in_thread(mount_api(FastAPI(), domain_assistant))
+
+
 @pytest.fixture
 def domains_dir() -> Path:
     return PROJECT_ROOT / "domains"

@@ -3,49 +3,28 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import openai
 import pytest
+from conftest import serve_in_thread
 from fastapi import FastAPI
 
-from conftest import free_port
 from domainchat.api import Admission, mount_api
-from domainchat.chat import Assistant, sync_knowledge
-from domainchat.domains import load_registry
-from domainchat.engine import Engine, GenerationParams
+from domainchat.chat import Assistant
+from domainchat.engine import GenerationParams
 from domainchat.errors import Busy
-from domainchat.knowledge import KnowledgeStore
-from domainchat.settings import PROJECT_ROOT, load_settings
+from domainchat.settings import load_settings
 
 pytestmark = pytest.mark.model
 
 
-def serve_in_thread(app: FastAPI) -> str:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1"
+@pytest.fixture(scope="module")
+def assistant(domain_assistant: Assistant) -> Assistant:
+    return domain_assistant
 
 
 @pytest.fixture(scope="module")
-def assistant(settings, test_adapters, embeddings) -> Assistant:
-    registry = load_registry(PROJECT_ROOT / "domains")
-    store = KnowledgeStore.open(settings.home, None, embeddings)
-    sync_knowledge(store, settings, registry)
-    engine = Engine.start(settings, {"finance": test_adapters["alpha"], "legal": test_adapters["beta"]})
-    return Assistant(settings, registry, engine, store)
-
-
-@pytest.fixture(scope="module")
-def client(assistant: Assistant) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_in_thread(mount_api(FastAPI(), assistant)), api_key="unused", max_retries=0)
+def client(api_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api_url, api_key="unused", max_retries=0)
 
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
@@ -54,7 +33,8 @@ GREEDY = {"temperature": 0, "max_tokens": 16}
 def test_models_lists_domains_and_raw_adapters(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
     assert {"finance", "medical", "legal", "customer_service"} <= ids
-    assert {"finance:raw", "base:raw"} <= ids
+    assert {"finance:raw", "legal:raw", "base:raw"} <= ids
+    assert "medical:raw" not in ids, "a raw model is an adapter: medical has none here"
 
 
 def test_pipeline_answer_has_sources_and_adapter(client: openai.OpenAI) -> None:
@@ -102,6 +82,9 @@ def test_errors_use_the_openai_format(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="astrology", messages=[{"role": "user", "content": "hi"}])
     assert "Unknown domain" in missing.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as untuned:
+        client.chat.completions.create(model="medical:raw", messages=[{"role": "user", "content": "hi"}])
+    assert "use 'base:raw'" in untuned.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="finance", messages=[])
     with pytest.raises(openai.BadRequestError):

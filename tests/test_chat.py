@@ -144,9 +144,9 @@ def test_done_carries_timing(assistant: Assistant) -> None:
     assert done.timing["retrieval_ms"] > 0 and done.timing["total_ms"] >= done.timing["ttft_ms"]
 
 
-def test_remote_generation_is_refused_until_it_exists(tmp_path: Path) -> None:
-    from domainchat.errors import ConfigError
+def test_remote_generation_loads_no_model(store, tmp_path: Path) -> None:
+    from domainchat.remote import RemoteEngine
 
-    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_LLM_URL": "http://127.0.0.1:8000"})
-    with pytest.raises(ConfigError, match="not supported yet"):
-        Assistant.start(settings)
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_LLM_URL": "http://127.0.0.1:9"})
+    assistant = Assistant.start(settings, knowledge=store)
+    assert isinstance(assistant.engine, RemoteEngine) and set(assistant.engine.adapters) == set(assistant.registry.domains)

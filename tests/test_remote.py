@@ -1,0 +1,74 @@
+"""Remote generation: a domainchat front with no model, whose DOMAINCHAT_LLM_URL is a second live
+domainchat serving `<domain>:raw`, against the local engine; and a generation server that is down."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import free_port
+from domainchat import prompts
+from domainchat.chat import Assistant, Done, Notice
+from domainchat.engine import GenerationParams
+from domainchat.errors import ModelUnavailable
+from domainchat.remote import RemoteEngine, api_root
+from domainchat.settings import load_settings
+
+QUESTIONS = {"finance": "What is the 50/30/20 budgeting rule?", "legal": "What does a lease usually say about repairs?"}
+
+
+def greedy(assistant: Assistant, domain_id: str) -> GenerationParams:
+    generation = assistant.registry.get(domain_id).generation
+    return GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=generation.repetition_penalty,
+                            no_repeat_ngram=generation.no_repeat_ngram)
+
+
+@pytest.fixture(scope="module")
+def front(domain_assistant: Assistant, api_url: str) -> Assistant:
+    engine = RemoteEngine(api_url, domain_assistant.registry.domains, adapter_template="{adapter}:raw",
+                          base_name="base:raw")
+    return Assistant(domain_assistant.settings, domain_assistant.registry, engine, domain_assistant.knowledge)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("domain_id", ["finance", "legal"])
+def test_front_gives_the_local_engines_greedy_answers(front: Assistant, domain_assistant: Assistant,
+                                                      domain_id: str) -> None:
+    question, params = QUESTIONS[domain_id], greedy(front, domain_id)
+    for use_adapter in (True, False):
+        done = next(e for e in front.answer(domain_id, question, use_adapter=use_adapter, params=params)
+                    if isinstance(e, Done))
+        adapter = domain_id if use_adapter else None
+        domain = front.registry.get(domain_id)
+        rendered = domain_assistant.render(domain, question, (), domain_assistant.retrieve(domain, question),
+                                           prompts.few_shot_for(with_adapter=use_adapter), params.max_new_tokens)
+        local = domain_assistant.engine.complete(rendered.messages, adapter, params).strip()
+        assert done.adapter == adapter and local and done.answer == local
+
+
+@pytest.mark.model
+def test_an_adapter_the_server_lacks_falls_back_to_its_base_with_a_notice(front: Assistant) -> None:
+    assert front.engine.adapters["finance"].loaded
+    assert not front.engine.adapters["medical"].loaded  # the backend has no medical adapter
+    events = list(front.answer("medical", "How long does a cold usually last?", params=greedy(front, "medical")))
+    notices = [e.text for e in events if isinstance(e, Notice) and e.kind == "adapter"]
+    assert notices == ["base only: the generation server does not serve 'medical:raw'"]
+    assert events[-1].adapter is None and events[-1].answer
+
+
+def test_a_server_that_is_down_gives_a_clear_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = RemoteEngine(url, ["finance"])
+    assert engine.available("finance"), "unknown until the server answers: requests say what is wrong"
+    with pytest.raises(ModelUnavailable, match="not reachable.*check that it is running"):
+        engine.complete([{"role": "user", "content": "hi"}], "finance")
+
+
+def test_remote_settings() -> None:
+    assert api_root("http://gpu:8000") == api_root("http://gpu:8000/v1/") == "http://gpu:8000/v1"
+    settings = load_settings({"DOMAINCHAT_HOME": "/tmp/x", "DOMAINCHAT_LLM_URL": "http://gpu:8000/v1",
+                              "DOMAINCHAT_LLM_ADAPTER_NAME": "{adapter}:raw"})
+    assert settings.llm_adapter_name == "{adapter}:raw" and settings.llm_base_name == "base"
+    from domainchat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DOMAINCHAT_LLM_ADAPTER_NAME"):
+        load_settings({"DOMAINCHAT_HOME": "/tmp/x", "DOMAINCHAT_LLM_ADAPTER_NAME": "lora-{domain}"})
