@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from domainchat.knowledge import KnowledgeStore, Passage
 from domainchat.remote import RemoteEngine
 from domainchat.settings import Settings
 
+WITHHELD_ANSWER = "I can't share my instructions. Please ask a question about this topic."
 PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
 
 
@@ -142,10 +143,13 @@ class Assistant:
         return rows
 
     def retrieve(self, domain: Domain, question: str) -> list[Passage]:
-        """The passages an answer may use: the best k at or above the domain's min_score ([] = abstain)."""
+        """The passages an answer may use: the best k at or above the domain's min_score ([] = abstain),
+        with instruction-like text neutralized."""
         assert self.knowledge is not None
         found = self.knowledge.search(domain.id, question, domain.retrieval.k)
-        return [p for p in found if p.score >= domain.retrieval.min_score]
+        # Screened again here: a store written by an older version or by another tool was not.
+        return [replace(p, text=safety.screen_document_text(p.text).text)
+                for p in found if p.score >= domain.retrieval.min_score]
 
     def render(self, domain: Domain, question: str, history: Sequence[tuple[str, str]],
                passages: list[Passage] | None, use_few_shot: bool, max_new_tokens: int) -> prompts.Rendered:
@@ -230,13 +234,20 @@ class Assistant:
         pieces: list[str] = []
         first_token_at = None
         fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question
+        withheld = False
         for piece in self.engine.stream(rendered.messages, adapter, params, cancel, prefix_messages=fixed):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
                 timing["ttft_ms"] = round((first_token_at - started) * 1000, 1)
             pieces.append(piece)
+            if safety.repeats_system_prompt("".join(pieces), domain.system_prompt):
+                withheld = True  # leaving the loop closes the stream, which stops generating
+                break
             yield Token(piece)
         answer = "".join(pieces).strip()
+        if withheld:
+            yield Notice("risk", "The answer was stopped because it began repeating the assistant's instructions.")
+            answer = WITHHELD_ANSWER
         tokens = self.engine.count_tokens(answer) if answer else 0
         timing["tokens"] = tokens
         if first_token_at is not None and tokens > 1:  # decode speed: tokens after the first one

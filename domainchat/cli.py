@@ -131,6 +131,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         print(f"{report.files} files: {report.chunks_added} chunks added, {report.chunks_unchanged} unchanged, "
               f"{report.chunks_removed} removed; {store.count(domain.id)} chunks in '{domain.id}'.")
+        for flagged in report.flagged:
+            print(f"note: {flagged['file']}: {flagged['findings']} instruction-like passage(s) neutralized "
+                  "(documents are data, not instructions)", file=sys.stderr)
         for error in report.errors:
             print(f"error: {error['error']}", file=sys.stderr)
     return EXIT_BAD_INPUT if report.errors else 0

@@ -30,5 +30,9 @@ class TooLarge(BadInput):
     """An input is over an explicit limit (question length, file size, tokens)."""
 
 
+class StoreInUse(DomainchatError):
+    """Another process holds the embedded knowledge store."""
+
+
 class Busy(DomainchatError):
     """Too many requests are waiting; the client should try again shortly."""

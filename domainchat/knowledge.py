@@ -19,18 +19,19 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainchat.errors import BadInput, ConfigError
+from domainchat.errors import BadInput, ConfigError, StoreInUse
+from domainchat.safety import remove_invisible, screen_document_text
 
 SUPPORTED_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text",
                       ".pdf": "pdf", ".html": "html", ".htm": "html"}
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_FILES_PER_INGEST = 2000
+LOCK_FILE = "domainchat.lock"
 MAX_PDF_PAGES = 1000
 MAX_CHUNKS_PER_FILE = 5000
 CHUNK_CHARS = 800
@@ -64,6 +65,7 @@ class IngestReport:
     chunks_unchanged: int = 0
     chunks_removed: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)  # {"file", "error"}
+    flagged: list[dict[str, Any]] = field(default_factory=list)  # {"file", "findings"}: instruction-like text neutralized
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -125,11 +127,6 @@ def _markdown_title(text: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def _clean(text: str) -> str:
-    text = unicodedata.normalize("NFC", text).replace("\x00", "")
-    return re.sub(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]", "", text)
-
-
 def load_file(path: Path) -> tuple[str, str, str]:
     """(kind, title, text) of one file, or BadInput saying what is wrong with it."""
     kind = SUPPORTED_SUFFIXES.get(path.suffix.lower())
@@ -151,7 +148,7 @@ def load_file(path: Path) -> tuple[str, str, str]:
             text, title = _load_html(text)
         elif kind == "markdown":
             title = _markdown_title(text)
-    text = _clean(text).strip()
+    text = remove_invisible(text).strip()
     if not text:
         raise BadInput(f"{path.name}: no text found (empty file, or a scanned PDF without a text layer).")
     return kind, (title or path.stem.replace("-", " ").replace("_", " ").strip() or path.name), text
@@ -183,7 +180,8 @@ def file_chunks(path: Path, source: str, origin: str) -> list[Chunk]:
     """Load and split one file into chunks with stable ids. Raises BadInput for an unusable file."""
     kind, title, text = load_file(path)
     file_hash = hashlib.sha256(path.read_bytes()).hexdigest()
-    pieces = split(kind, title, text)
+    screened = screen_document_text(text)  # a document is data: instruction-like text is neutralized
+    pieces = split(kind, title, screened.text)
     if len(pieces) > MAX_CHUNKS_PER_FILE:
         raise BadInput(f"{path.name}: {len(pieces)} chunks is over the {MAX_CHUNKS_PER_FILE} limit; split the file.")
     chunks = []
@@ -195,7 +193,7 @@ def file_chunks(path: Path, source: str, origin: str) -> list[Chunk]:
             id=f"{source}:{index}:{digest}",
             text=indexed,
             metadata={"source": source, "title": title, "heading": heading, "chunk": index,
-                      "file_hash": file_hash, "origin": origin},
+                      "file_hash": file_hash, "origin": origin, "screened": screened.findings},
         ))
     return chunks
 
@@ -325,7 +323,36 @@ def chroma_client(home: Path, chroma_url: str | None):
                               "start it (`chroma run --path DIR --port P`) or unset the variable.") from None
     path = home / "chroma"
     path.mkdir(parents=True, exist_ok=True)
+    _lock_store(path)
     return chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+
+
+_HELD_STORE_LOCKS: dict[Path, int] = {}  # store folder -> lock file descriptor, held for the process's life
+
+
+def _lock_store(path: Path) -> None:
+    """Claim the embedded store for this process, or fail fast. Chroma's embedded client assumes one
+    process per folder: a second one (a CLI ingest beside the running app) would otherwise hang
+    on SQLite locks or overwrite the vector index. POSIX locks are per process, so this process may
+    open the store again; the kernel releases the lock when the process dies, even by SIGKILL."""
+    import fcntl
+    import os
+
+    key = path.resolve()
+    if key in _HELD_STORE_LOCKS:
+        return
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreInUse(f"The knowledge store {key} is in use by another domainchat process (pid {holder}). Stop "
+                         "that process first (for example the running app), or share the store between processes "
+                         "with a Chroma server (DOMAINCHAT_CHROMA_URL).") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    _HELD_STORE_LOCKS[key] = fd
 
 
 class KnowledgeStore:
@@ -404,6 +431,8 @@ class KnowledgeStore:
                     report.errors.append({"file": source, "error": f"{source}: cannot be read ({exc.strerror})."})
                     continue
                 report.files += 1
+                if chunks and chunks[0].metadata["screened"]:
+                    report.flagged.append({"file": source, "findings": chunks[0].metadata["screened"]})
                 old_ids = set(existing.get(source, {}).get("ids", []))
                 new = [c for c in chunks if c.id not in old_ids]
                 stale = sorted(old_ids - {c.id for c in chunks})

@@ -107,6 +107,7 @@ def build(assistant: Assistant) -> gr.Blocks:
                 elif isinstance(event, Notice):
                     notices.append(event)
                 elif isinstance(event, Done):
+                    shown[-1]["content"] = event.answer  # the final word: e.g. a withheld answer replaces its start
                     state["histories"][domain_id] = history + [(question, event.answer)]
                     yield (shown, "", format_sources(sources), format_notices(notices),
                            format_status(assistant, domain_id, event, len(history) + 1), state)
@@ -141,12 +142,21 @@ def build(assistant: Assistant) -> gr.Blocks:
         def report_progress(done: int, total: int, current: str) -> None:
             progress((done, total), desc=f"Adding {current}" if current else "Done")
 
-        report = assistant.knowledge.ingest(domain_id, [Path(f) for f in files], origin="upload", progress=report_progress)
+        try:
+            report = assistant.knowledge.ingest(domain_id, [Path(f) for f in files], origin="upload",
+                                                progress=report_progress)
+        finally:
+            for file in files:  # the store keeps the text; the uploaded copy is served back to no one
+                Path(file).unlink(missing_ok=True)
         failed = {e["file"]: e["error"] for e in report.errors}
+        flagged = {f["file"] for f in report.flagged}
         rows = ["| file | result |", "|---|---|"]
         for file in files:
             name = Path(file).name
-            rows.append(f"| {html.escape(name)} | {'❌ ' + html.escape(failed[name]) if name in failed else '✅ added'} |")
+            result = "❌ " + html.escape(failed[name]) if name in failed else "✅ added"
+            if name in flagged:
+                result += " (instruction-like text in it was neutralized)"
+            rows.append(f"| {html.escape(name)} | {result} |")
         summary = (f"{report.chunks_added} new passages, {report.chunks_unchanged} already known, "
                    f"{assistant.knowledge.count(domain_id)} in **{domains[domain_id].title}**.")
         return "\n".join(rows) + "\n\n" + summary

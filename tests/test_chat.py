@@ -124,6 +124,18 @@ def test_reference_nll_scores_the_prompt_answer_would_send(assistant: Assistant)
         assert answered == scored
 
 
+def test_an_answer_that_repeats_the_system_prompt_is_stopped(assistant: Assistant) -> None:
+    from domainchat.chat import WITHHELD_ANSWER
+
+    words = assistant.registry.get("finance").system_prompt.split()
+    assistant.engine.stream = lambda *args, **kwargs: iter(["Sure. "] + [w + " " for w in words])
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    said = "".join(e.text for e in events if isinstance(e, Token))
+    assert len(said.split()) < 9, "stopped as soon as eight words of the prompt appeared"
+    assert [e.kind for e in events if isinstance(e, Notice)][0] == "risk"
+    assert events[-1].answer == WITHHELD_ANSWER
+
+
 def test_history_reaches_the_prompt(assistant: Assistant) -> None:
     run(assistant, "finance", "And the Roth IRA limit?", [("What is an IRA?", "An individual retirement account.")])
     messages, _ = assistant.engine.calls[0]

@@ -65,7 +65,7 @@ def test_ingest_reports_per_file_and_exits_2_on_bad_files(monkeypatch: pytest.Mo
     bad.write_bytes(b"PK")
     assert main(["ingest", "--domain", "finance", "--json", str(good), str(bad)]) == 2
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"domain", "files", "chunks_added", "chunks_unchanged", "chunks_removed", "errors"}
+    assert set(report) == {"domain", "files", "chunks_added", "chunks_unchanged", "chunks_removed", "errors", "flagged"}
     assert report["files"] == 1 and report["chunks_added"] >= 1
     assert report["errors"] == [{"file": "notes.docx", "error": report["errors"][0]["error"]}]
     assert main(["ingest", "--domain", "finance", "--json", str(good)]) == 0

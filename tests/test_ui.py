@@ -34,8 +34,11 @@ def app_url(settings, test_adapters, tmp_path_factory: pytest.TempPathFactory):
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     adapters = root / "adapters"
     shutil.copytree(test_adapters["alpha"], adapters / "finance")
+    home = root / "home"  # its own store (one process per embedded store), the session's model cache
+    home.mkdir()
+    (home / "models").symlink_to(settings.model_cache_dir, target_is_directory=True)
     port = free_port()
-    env = {**os.environ, "DOMAINCHAT_HOME": str(settings.home), "DOMAINCHAT_DOMAINS_DIR": str(domains),
+    env = {**os.environ, "DOMAINCHAT_HOME": str(home), "DOMAINCHAT_DOMAINS_DIR": str(domains),
            "DOMAINCHAT_ADAPTERS_DIR": str(adapters)}
     log = open(root / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "domainchat", "serve", "--port", str(port)],
