@@ -168,6 +168,10 @@ def build(assistant: Assistant) -> gr.Blocks:
             domain = gr.Dropdown(choices=[(d.title, d.id) for d in domains.values()], value=first,
                                  label="Domain", elem_id="domain", scale=1)
             description = gr.Markdown(elem_id="description")
+        if assistant.registry.broken:  # a broken domain.yaml takes out only its domain, and says why here
+            gr.Markdown("\n".join(f"⚠️ Domain `{html.escape(domain_id)}` is out of service: {html.escape(reason)}"
+                                   for domain_id, reason in assistant.registry.broken.items()),
+                        elem_id="broken-domains")
         disclaimer = gr.Markdown(elem_id="disclaimer")
         chatbot = gr.Chatbot(elem_id="chat", height=420, label="Conversation")
         notices = gr.HTML(elem_id="notices")

@@ -125,3 +125,70 @@ def test_queue_full_is_429(assistant: Assistant) -> None:
         one = Admission(active=1, waiting=0)
         one.enter()
         one.enter()
+
+
+SOAK_SECONDS = 120
+SOAK_CLIENTS = 8
+
+
+def _rss_mb() -> float:
+    from pathlib import Path
+
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
+def test_eight_clients_for_two_minutes_each_get_their_own_domain(client: openai.OpenAI, api_url: str) -> None:
+    """8 concurrent clients across the 4 domains (2 with an adapter, 2 on the base): every answer is
+    its domain's greedy canary answer from its own adapter, the only errors allowed are 429s, and
+    memory stays flat."""
+    import threading
+    import time
+
+    questions = {"finance": "What is an emergency fund?", "legal": "What is a contract?",
+                 "medical": "What is a fever?", "customer_service": "How do I return an item?"}
+    expected_adapter = {"finance": "finance", "legal": "legal", "medical": None, "customer_service": None}
+    canary = {"temperature": 0, "max_tokens": 8}
+
+    def ask(domain: str, api: openai.OpenAI) -> tuple[str, str | None]:
+        reply = api.chat.completions.create(model=domain, messages=[{"role": "user", "content": questions[domain]}],
+                                            **canary)
+        return reply.choices[0].message.content, reply.model_extra["adapter"]
+
+    for domain in questions:
+        ask(domain, client)  # computes each domain's cached prompt prefix, as every later request uses it
+    reference = {domain: ask(domain, client) for domain in questions}
+    assert {d: a for d, (_, a) in reference.items()} == expected_adapter
+    rss_before = _rss_mb()
+    results: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + SOAK_SECONDS
+
+    def worker(index: int) -> None:
+        domain = list(questions)[index % 4]
+        api = openai.OpenAI(base_url=api_url, api_key="unused", max_retries=0, timeout=120)
+        while time.monotonic() < deadline:
+            try:
+                outcome = "ok" if ask(domain, api) == reference[domain] else "wrong answer or adapter"
+            except openai.RateLimitError:
+                outcome = "429"
+            except Exception as exc:  # the test reports any other failure, whatever its type
+                outcome = f"error: {type(exc).__name__}: {exc}"
+            with lock:
+                results.append((domain, outcome))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(SOAK_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    rss = []  # sampled every 5 s: the first third warms up (per-thread allocator arenas, caches)
+    while any(t.is_alive() for t in threads):
+        rss.append(_rss_mb())
+        time.sleep(5)
+    outcomes = {o for _, o in results}
+    warm = rss[len(rss) // 3]
+    print(f"\nsoak: {len(results)} answers in {SOAK_SECONDS} s, outcomes {sorted(outcomes)}, RSS MB before "
+          f"{rss_before:.0f}, warm {warm:.0f}, last {rss[-1]:.0f}, max {max(rss):.0f}")
+    assert outcomes <= {"ok", "429"} and sum(o == "ok" for _, o in results) >= SOAK_CLIENTS
+    assert {d for d, o in results if o == "ok"} == set(questions)
+    # A leaked key/value cache is ~46 MB per 1,000-token request: a leak would add gigabytes here.
+    assert max(rss[len(rss) // 3:]) - warm < 128, "memory kept growing after the warm-up"

@@ -32,6 +32,8 @@ def app_url(settings, test_adapters, tmp_path_factory: pytest.TempPathFactory):
         data = yaml.safe_load(path.read_text())
         data.setdefault("generation", {})["max_new_tokens"] = 24
         path.write_text(yaml.safe_dump(data, sort_keys=False))
+    (domains / "broken_demo").mkdir()
+    (domains / "broken_demo" / "domain.yaml").write_text("id: broken_demo\ndescription: no title\n")
     adapters = root / "adapters"
     shutil.copytree(test_adapters["alpha"], adapters / "finance")
     home = root / "home"  # its own store (one process per embedded store), the session's model cache
@@ -109,6 +111,13 @@ def test_each_domain_answers_an_example_with_sources(page) -> None:
         page.screenshot(path=str(SHOTS / f"{domain_id}.png"), full_page=True)
 
 
+def test_a_broken_domain_is_named_with_its_reason(page) -> None:
+    page.wait_for_selector("#broken-domains")
+    text = page.locator("#broken-domains").inner_text()
+    assert "broken_demo" in text and "title" in text
+    assert page.locator("#status").inner_text().count("Adapter:") == 1
+
+
 def test_streaming_is_visible_before_the_answer_is_done(page) -> None:
     choose_domain(page, "Personal finance")
     page.locator("#question textarea").fill("What is compound interest?")
@@ -157,3 +166,15 @@ def test_bad_input_shows_a_message_not_a_traceback(page) -> None:
     page.locator("#send").click()
     page.wait_for_function("() => document.querySelector('#notices').innerText.includes('empty')", timeout=30_000)
     assert "Traceback" not in page.content()
+
+
+def test_the_server_serves_no_local_files_and_follows_no_urls(app_url: str) -> None:
+    """Gradio's file route: nothing outside its own cache (allowed_paths=[]), no redirect to a URL
+    (the open-redirect / SSRF advisories on /gradio_api/file=)."""
+    import httpx
+
+    for path in ("gradio_api/file=/etc/passwd", "gradio_api/file=../../etc/passwd",
+                 "gradio_api/file=https://example.com/x", "gradio_api/file/https://example.com/x",
+                 "file=/etc/passwd"):
+        response = httpx.get(app_url + path, follow_redirects=False, timeout=30)
+        assert response.status_code in (403, 404) and "location" not in response.headers, path
