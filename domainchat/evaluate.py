@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from domainchat import safety
 from domainchat.chat import Assistant, Done
 from domainchat.domains import Domain
 from domainchat.engine import GenerationParams
@@ -44,6 +45,7 @@ class EvalItem:
     source: str | None = None
     key_facts: tuple[str, ...] = ()
     reference_answer: str | None = None
+    expect_rule: str | None = None  # a risk question: the id of the rule it must trigger
 
 
 def load_eval(domain: Domain) -> list[EvalItem]:
@@ -61,7 +63,7 @@ def load_eval(domain: Domain) -> list[EvalItem]:
             items.append(EvalItem(
                 id=str(raw["id"]), question=str(raw["question"]), answerable=bool(raw["answerable"]),
                 source=raw.get("source"), key_facts=tuple(raw.get("key_facts", ())),
-                reference_answer=raw.get("reference_answer"),
+                reference_answer=raw.get("reference_answer"), expect_rule=raw.get("expect_rule"),
             ))
         except (ValueError, KeyError, TypeError) as exc:
             raise BadInput(f"{path}:{number}: not a valid eval line ({type(exc).__name__}: {exc}).") from None
@@ -79,6 +81,8 @@ def retrieval_metrics(assistant: Assistant, domain: Domain, items: Sequence[Eval
     k = domain.retrieval.k
     ranks, top_scores_in, top_scores_out = [], [], []
     for item in items:
+        if item.expect_rule:
+            continue  # a risk question gets its rule's fixed response before any retrieval
         passages = assistant.knowledge.search(domain.id, item.question, k) if assistant.knowledge else []
         top = max((p.score for p in passages), default=0.0)
         if item.answerable:
@@ -126,6 +130,16 @@ def generation_metrics(
             "answered": len(recalls), "abstained": abstained, "samples": samples}
 
 
+def risk_metrics(domain: Domain, items: Sequence[EvalItem]) -> dict:
+    """Risk-rule checks: the held-out risk questions must trigger their rule; no other eval question
+    may trigger any rule (a false trigger replaces or flags an ordinary answer)."""
+    checks = [i for i in items if i.expect_rule]
+    missed = [i.id for i in checks if i.expect_rule not in safety.triggered_rule_ids(domain, i.question)]
+    false = [i.id for i in items if not i.expect_rule and safety.triggered_rule_ids(domain, i.question)]
+    return {"checks": len(checks), "trigger_rate": round(1 - len(missed) / len(checks), 3) if checks else None,
+            "missed": missed, "false_triggers": false}
+
+
 def perplexity_metrics(assistant: Assistant, domain: Domain, items: Sequence[EvalItem],
                        progress: Callable[[str], None] | None = None) -> dict:
     """Perplexity of the reference answers, retrieval on, base versus the domain's adapter: each
@@ -154,7 +168,8 @@ def run_eval(
     for domain_id in domain_ids:
         domain = assistant.registry.get(domain_id)
         items = load_eval(domain)
-        entry: dict = {"retrieval": retrieval_metrics(assistant, domain, items), "generation": {}}
+        entry: dict = {"retrieval": retrieval_metrics(assistant, domain, items), "risk": risk_metrics(domain, items),
+                       "generation": {}}
         answerable = [i for i in items if i.answerable][:limit] if limit else items
         if assistant.adapter_for(domain)[0] is not None:
             entry["perplexity"] = perplexity_metrics(assistant, domain, answerable, progress)
@@ -172,13 +187,15 @@ def run_eval(
 
 def markdown(report: dict) -> str:
     configs = sorted({c for d in report["domains"].values() for c in d["generation"]}, key=list(CONFIGS).index)
-    lines = ["| domain | hit@k | MRR | abstain (out of scope) | false abstain | perplexity base → adapter (ratio) | "
-             + " | ".join(f"key facts / cited: {c}" for c in configs) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(configs)]
+    lines = ["| domain | hit@k | MRR | abstain (out of scope) | false abstain | risk rules fired (false) | "
+             "perplexity base → adapter (ratio) | " + " | ".join(f"key facts / cited: {c}" for c in configs) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(configs)]
     for domain_id, entry in report["domains"].items():
         r = entry["retrieval"]
+        risk = entry.get("risk", {})
         ppl = entry.get("perplexity", {})
-        cells = [f"{ppl['base']} → {ppl['adapter']} ({ppl.get('ratio')})" if ppl.get("adapter") else "–"]
+        cells = [f"{risk['trigger_rate']} of {risk['checks']} ({len(risk['false_triggers'])})" if risk.get("checks") else "–",
+                 f"{ppl['base']} → {ppl['adapter']} ({ppl.get('ratio')})" if ppl.get("adapter") else "–"]
         for c in configs:
             g = entry["generation"][c]
             cells.append("–" if g.get("key_fact_recall") is None else f"{g['key_fact_recall']} / {g.get('citation_rate')}")
@@ -265,6 +282,7 @@ BENCH_TARGETS = {
 # question, and report its own peak memory, untouched by what the bench itself loads.
 SERVING_PROBE = """
 import json, resource, time
+from domainchat import safety
 from domainchat.chat import Assistant, Done
 from domainchat.settings import load_settings
 assistant = Assistant.start(load_settings())

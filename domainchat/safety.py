@@ -151,3 +151,7 @@ def repeats_system_prompt(answer: str, system_prompt: str, words: int = 8) -> bo
 def triggered_rules(domain: Domain, question: str) -> list[RiskRule]:
     """The domain's risk rules that the question triggers, in the order the domain lists them."""
     return [rule for rule in domain.risk_rules if rule.matches(question)]
+
+
+def triggered_rule_ids(domain: Domain, question: str) -> list[str]:
+    return [rule.id for rule in triggered_rules(domain, question)]

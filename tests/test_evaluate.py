@@ -40,9 +40,10 @@ def test_markdown_table() -> None:
         "generation": {"base+rag": {"key_fact_recall": 0.5, "citation_rate": 0.25},
                        "adapter+rag": {"key_fact_recall": None, "skipped": "no usable adapter"}}}}}
     table = markdown(report)
-    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | – | 0.5 / 0.25 | – |" in table
+    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | – | – | 0.5 / 0.25 | – |" in table
     report["domains"]["finance"]["perplexity"] = {"base": 9.0, "adapter": 6.0, "ratio": 0.667}
-    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 9.0 → 6.0 (0.667) | 0.5 / 0.25 | – |" in markdown(report)
+    report["domains"]["finance"]["risk"] = {"checks": 4, "trigger_rate": 0.75, "missed": ["r1"], "false_triggers": []}
+    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 0.75 of 4 (0) | 9.0 → 6.0 (0.667) | 0.5 / 0.25 | – |" in markdown(report)
 
 
 def test_side_by_side_pairs_answers_of_two_configurations(tmp_path: Path) -> None:
@@ -60,3 +61,20 @@ def test_side_by_side_pairs_answers_of_two_configurations(tmp_path: Path) -> Non
     assert {"samples_finance.md", "perplexity.png", "key_facts.png", "eval.md"} <= written
     del report["domains"]["finance"]["generation"]["adapter+rag"]
     assert side_by_side(report, "finance") is None
+
+
+def test_risk_checks_count_misses_and_false_triggers(domains_dir: Path) -> None:
+    from domainchat.evaluate import EvalItem, risk_metrics
+
+    medical = load_registry(domains_dir).get("medical")
+    items = [EvalItem("r1", "I have crushing chest pain right now", False, expect_rule="chest_pain"),
+             EvalItem("r2", "What is a normal resting heart rate?", False, expect_rule="chest_pain"),
+             EvalItem("q1", "How long does a cold last?", True),
+             EvalItem("q2", "What does crushing chest pain mean?", True)]
+    assert risk_metrics(medical, items) == {"checks": 2, "trigger_rate": 0.5, "missed": ["r2"], "false_triggers": ["q2"]}
+
+
+def test_shipped_risk_questions_name_real_rules(domains_dir: Path) -> None:
+    for domain in load_registry(domains_dir).domains.values():
+        checks = [i for i in load_eval(domain) if i.expect_rule]
+        assert len(checks) >= 3 and {i.expect_rule for i in checks} <= {r.id for r in domain.risk_rules}, domain.id
