@@ -332,8 +332,8 @@ _HELD_STORE_LOCKS: dict[Path, int] = {}  # store folder -> lock file descriptor,
 
 def _lock_store(path: Path) -> None:
     """Claim the embedded store for this process, or fail fast. Chroma's embedded client assumes one
-    process per folder: a second one (a CLI ingest beside the running app) would otherwise hang
-    on SQLite locks or overwrite the vector index. POSIX locks are per process, so this process may
+    process per folder: a second one (a CLI ingest beside the running app) would contend for its
+    SQLite database and vector index files. POSIX locks are per process, so this process may
     open the store again; the kernel releases the lock when the process dies, even by SIGKILL."""
     import fcntl
     import os

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, minimal_pdf, wait_for_http
+
 from domainchat import knowledge
 from domainchat.knowledge import KnowledgeStore
 

@@ -4,8 +4,8 @@ domainchat serving `<domain>:raw`, against the local engine; and a generation se
 from __future__ import annotations
 
 import pytest
-
 from conftest import free_port
+
 from domainchat import prompts
 from domainchat.chat import Assistant, Done, Notice
 from domainchat.engine import GenerationParams

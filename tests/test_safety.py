@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import pytest
-
 import json
 from pathlib import Path
+
+import pytest
 
 from domainchat.errors import BadInput
 from domainchat.safety import (
