@@ -38,7 +38,7 @@ class Sources:
 
 @dataclass(frozen=True)
 class Notice:
-    kind: str  # "disclaimer" | "abstain" | "risk" | "adapter"
+    kind: str  # "disclaimer" | "abstain" | "risk" | "adapter" | "error"
     text: str
 
 

@@ -9,6 +9,7 @@ a question before anything else, the screening of document text for instruction-
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -139,13 +140,21 @@ def strip_role_markup(text: str) -> str:
     return _ROLE_MARKUP.sub("", text)
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+@functools.lru_cache(maxsize=64)
+def _word_runs(system_prompt: str, words: int) -> tuple[str, ...]:
+    """Every run of `words` consecutive words of a prompt; cached, since chat checks every token."""
+    prompt = _words(system_prompt)
+    return tuple(" ".join(prompt[i:i + words]) for i in range(max(len(prompt) - words + 1, 0)))
+
+
 def repeats_system_prompt(answer: str, system_prompt: str, words: int = 8) -> bool:
     """True when the answer quotes any run of `words` consecutive words of the system prompt."""
-    def normalize(t: str) -> list[str]:
-        return re.findall(r"[a-z0-9']+", t.lower())
-
-    prompt, said = normalize(system_prompt), " ".join(normalize(answer))
-    return any(" ".join(prompt[i:i + words]) in said for i in range(max(len(prompt) - words + 1, 0)))
+    said = " ".join(_words(answer))
+    return any(run in said for run in _word_runs(system_prompt, words))
 
 
 def triggered_rules(domain: Domain, question: str) -> list[RiskRule]:
