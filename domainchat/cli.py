@@ -208,7 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from domainchat import evaluate
     from domainchat.settings import load_settings
 
-    with tqdm(total=8, desc="bench", file=sys.stderr, disable=args.json) as bar:
+    with tqdm(total=9, desc="bench", file=sys.stderr, disable=args.json) as bar:
         report = evaluate.run_bench(load_settings(), progress=lambda what: (bar.set_postfix_str(what), bar.update()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from domainchat.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUANT_CHOICES = ("nf4", "int8", "none")
+DECODER_CHOICES = ("lean", "transformers")
 BUNDLED = "bundled"
 # On a Hugging Face Space the GGUF package is not installed; the Hub copy of the same model is.
 SPACE_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -36,6 +37,7 @@ class Settings:
     knowledge_dir: Path = PROJECT_ROOT / "knowledge"
     adapters_dir: Path = PROJECT_ROOT / "adapters"
     threads: int | None = None
+    decoder: str = "lean"  # lean: fused batched decoder when the model allows; transformers: always theirs
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_CHOICES:
@@ -52,6 +54,10 @@ class Settings:
                               "and no other braces, e.g. '{adapter}' for vLLM or '{adapter}:raw' for domainchat.")
         if not self.llm_base_name.strip():
             raise ConfigError("DOMAINCHAT_LLM_BASE_NAME is empty: name the server's base model, e.g. 'base'.")
+        if self.decoder not in DECODER_CHOICES:
+            raise ConfigError(
+                f"DOMAINCHAT_DECODER={self.decoder!r} is not supported: use one of {', '.join(DECODER_CHOICES)}."
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"DOMAINCHAT_THREADS={self.threads} must be a positive integer.")
 
@@ -99,4 +105,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         knowledge_dir=path("DOMAINCHAT_KNOWLEDGE_DIR", PROJECT_ROOT / "knowledge"),
         adapters_dir=path("DOMAINCHAT_ADAPTERS_DIR", PROJECT_ROOT / "adapters"),
         threads=_int_or_none(env, "DOMAINCHAT_THREADS"),
+        decoder=env.get("DOMAINCHAT_DECODER", "").strip().lower() or "lean",
     )

@@ -68,14 +68,21 @@ def test_broken_adapters_do_not_stop_the_others(engine: Engine) -> None:
 
 
 def test_greedy_matches_transformers_generate(engine: Engine) -> None:
+    """Our loop against `generate` itself (the lean decoder prefilling with transformers' kernel)."""
     ids = engine.encode(QUESTION)
+    if engine._decoder is not None:
+        engine._decoder.prefill_kernel = "gemv"
+    try:
+        ours = {adapter: engine.complete(QUESTION, adapter, GREEDY) for adapter in (None, "alpha")}
+    finally:
+        if engine._decoder is not None:
+            engine._decoder.prefill_kernel = "dense"
     for adapter in (None, "alpha"):
-        ours = engine.complete(QUESTION, adapter, GREEDY)
         with engine._lock, torch.no_grad():
             engine._route(adapter)
             reference = engine.model.generate(input_ids=ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False)
         expected = engine.tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
-        assert ours == expected.strip() or ours == expected
+        assert ours[adapter] == expected.strip() or ours[adapter] == expected
 
 
 def test_answer_nll_scores_the_reply_the_model_would_give(engine: Engine) -> None:
@@ -89,17 +96,21 @@ def test_answer_nll_scores_the_reply_the_model_would_give(engine: Engine) -> Non
 
 
 def test_prefix_cache_matches_the_uncached_path(engine: Engine) -> None:
-    """Base model: the same greedy tokens. With an adapter, the next-token logits agree to within a
+    """transformers' path. Base model: the same greedy tokens. With an adapter, the next-token logits agree to within a
     few percent and pick the same token, but not exactly: the 4-bit CPU kernels and the fp32 LoRA
     matmuls round differently for a 60-token and a 10-token chunk (measured up to 1.3 % of the
     largest logit), and this random test adapter is strong enough that a later near-tie can flip."""
     fixed = [{"role": "system", "content": "You are a careful assistant. Answer in one sentence."},
              {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 is 4."}]
+    def reply(messages, prefix_messages: int = 0) -> str:
+        tokens = engine._tokens_transformers(messages, engine.encode(messages), None, GREEDY, None, prefix_messages)
+        return "".join(engine._texts(tokens))
+
     for question in ("What is a budget?", "Name a primary colour."):
         messages = fixed + [{"role": "user", "content": question}]
-        plain = engine.complete(messages, None, GREEDY)
-        assert engine.complete(messages, None, GREEDY, prefix_messages=3) == plain  # computes the prefix
-        assert engine.complete(messages, None, GREEDY, prefix_messages=3) == plain  # reuses it
+        plain = reply(messages)
+        assert reply(messages, prefix_messages=3) == plain  # computes the prefix
+        assert reply(messages, prefix_messages=3) == plain  # reuses it
 
         ids = engine.encode(messages)
         with torch.no_grad():
@@ -109,7 +120,7 @@ def test_prefix_cache_matches_the_uncached_path(engine: Engine) -> None:
             split = engine._forward(ids[:, cached:], "alpha", cache).logits[0, -1]
         assert torch.argmax(whole) == torch.argmax(split)
         assert float((whole - split).abs().max()) < 3e-2 * float(whole.abs().max())
-    assert {key[0] for key in engine._prefixes} == {None, "alpha"}
+    assert {key[1] for key in engine._prefixes.keys()} == {None, "alpha"}
 
 
 def test_concurrent_requests_each_get_their_own_adapter(engine: Engine) -> None:
@@ -173,3 +184,10 @@ def test_no_repeat_ngram_steers_greedy_away_from_a_loop() -> None:
     assert _next_token(logits, seen, greedy, None, generated=[3, 1, 3]) == 1
     blocked = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=2)
     assert _next_token(logits, seen, blocked, None, generated=[3, 1, 3]) == 2  # "3 1" would repeat
+
+
+def test_decoder_setting_chooses_the_generation_path(settings: Settings, base_checkpoint: Path) -> None:
+    plain = load_settings({"DOMAINCHAT_HOME": str(settings.home), "DOMAINCHAT_DECODER": "transformers"})
+    engine = Engine.start(plain, {})
+    assert engine._decoder is None and engine._batcher is None
+    assert engine.complete(QUESTION, None, GREEDY).strip()

@@ -28,6 +28,7 @@ def test_space_defaults_to_the_hub_model() -> None:
     ("key", "value", "message"),
     [
         ("DOMAINCHAT_QUANT", "fp8", "DOMAINCHAT_QUANT='fp8' is not supported"),
+        ("DOMAINCHAT_DECODER", "fast", "DOMAINCHAT_DECODER='fast' is not supported: use one of lean, transformers"),
         ("DOMAINCHAT_CHROMA_URL", "localhost:8000", "DOMAINCHAT_CHROMA_URL"),
         ("DOMAINCHAT_LLM_URL", "ftp://x", "DOMAINCHAT_LLM_URL"),
         ("DOMAINCHAT_THREADS", "two", "DOMAINCHAT_THREADS"),

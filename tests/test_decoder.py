@@ -1,0 +1,179 @@
+"""Lean decoder tests on the real bundled model (nf4 on CPU) with the peft test adapters: its
+outputs against transformers + peft, batching, prefixes, and the models it declines."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from domainchat.decoder import LeanDecoder
+from domainchat.engine import Engine, GenerationParams, _Request
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+    [{"role": "system", "content": "You are a careful assistant for personal finance questions."},
+     {"role": "user", "content": "What is an index fund and why do people buy one?"}],
+]
+GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+
+
+@pytest.fixture
+def lean(engine: Engine) -> LeanDecoder:
+    if engine._decoder is None:
+        pytest.skip("the lean decoder needs bitsandbytes' CPU layout (a CPU with AVX512-BF16)")
+    return engine._decoder
+
+
+@pytest.fixture
+def exact_prefill(lean: LeanDecoder) -> Iterator[LeanDecoder]:
+    """Prefill through the kernel transformers uses, so whole answers can be compared token for token."""
+    lean.prefill_kernel = "gemv"
+    yield lean
+    lean.prefill_kernel = "dense"
+
+
+def transformers_reply(engine: Engine, messages, adapter: str | None, params: GenerationParams) -> str:
+    ids = engine.encode(messages)
+    return "".join(engine._texts(engine._tokens_transformers(messages, ids, adapter, params, None, 0)))
+
+
+def test_greedy_matches_transformers_token_for_token(engine: Engine, exact_prefill: LeanDecoder) -> None:
+    for adapter in (None, "alpha", "beta"):
+        for messages in PROMPTS:
+            assert engine.complete(messages, adapter, GREEDY) == transformers_reply(engine, messages, adapter, GREEDY)
+
+
+def test_sampling_matches_transformers_with_the_same_seed(engine: Engine, exact_prefill: LeanDecoder) -> None:
+    params = GenerationParams(max_new_tokens=30, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=11)
+    assert engine.complete(PROMPTS[0], "alpha", params) == transformers_reply(engine, PROMPTS[0], "alpha", params)
+
+
+def test_a_batch_row_gets_exactly_what_it_would_get_alone(engine: Engine, lean: LeanDecoder) -> None:
+    """Rows with different adapters (and one without) in one step: each row's hidden state is
+    bit-equal to the same sequence decoded alone. The output layer runs as one float32 product for
+    all rows, whose sums round differently from a one-row product (~1e-6; the next token is the
+    same unless two logits tie to that precision)."""
+    adapters = ["alpha", None, "beta", "alpha"]
+    ids = engine.encode(PROMPTS[0])[0].tolist()
+    with torch.no_grad():
+        alone = []
+        for adapter in adapters:
+            cache = lean.new_cache(len(ids) + 4)
+            token = int(lean.prefill(ids, cache, adapter)[0].argmax())
+            alone.append((token, lean._step_layers([token], [cache], [adapter])[0]))
+        caches = [lean.new_cache(len(ids) + 4) for _ in adapters]
+        for cache, adapter in zip(caches, adapters):
+            lean.prefill(ids, cache, adapter)
+        tokens = [token for token, _ in alone]
+        batched = lean._step_layers(tokens, caches, adapters)
+        for cache in caches:
+            cache.length -= 1  # the same step again, through the public call that adds the output layer
+        logits = lean.step(tokens, caches, adapters)
+    for row, (_, hidden) in enumerate(alone):
+        assert torch.equal(batched[row], hidden), f"row {row} ({adapters[row]}) differs from its solo run"
+        solo = hidden.unsqueeze(0) @ lean.lm_head.t()
+        assert torch.allclose(logits[row], solo[0], atol=1e-4) and int(logits[row].argmax()) == int(solo.argmax())
+    assert not torch.equal(batched[0], batched[1]), "the adapter changes the row"
+
+
+def test_concurrent_streams_are_batched_and_each_matches_its_solo_answer(engine: Engine, lean: LeanDecoder) -> None:
+    adapters = [None, "alpha", "beta", "alpha"]
+    solo = {adapter: engine.complete(PROMPTS[1], adapter, GREEDY) for adapter in set(adapters)}
+    results: dict[int, str] = {}
+    widest = []
+    original_step = lean.step
+
+    def recording_step(tokens, caches, names):
+        widest.append(len(tokens))
+        return original_step(tokens, caches, names)
+
+    lean.step = recording_step
+    try:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.complete(PROMPTS[1], adapters[i], GREEDY)))
+                   for i in range(len(adapters))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        del lean.step
+    assert results == {i: solo[adapters[i]] for i in range(len(adapters))}
+    assert max(widest) >= 2, "concurrent requests should share decode steps"
+
+
+def test_dense_prefill_is_as_close_to_float32_as_transformers(engine: Engine, lean: LeanDecoder) -> None:
+    """The fast prefill (bfloat16 matmuls) is not bit-equal to bitsandbytes' kernel, so it is held to
+    accuracy instead: against the same weights in float32, it is no further off than the kernel
+    transformers uses, and picks the same next token (or one tied with it to 0.05)."""
+    questions = ["What is a Roth IRA?", "When should I see a doctor about a headache?",
+                 "What does a tenant's security deposit cover?", "How do I reset my password?"]
+    errors: dict[str, list[float]] = {"dense": [], "gemv": []}
+
+    def float32_dense(self, x):
+        weight = torch.ops.bitsandbytes.dequantize_4bit(self.plain, self.plain_absmax, self.blocksize, "nf4",
+                                                        list(self.shape), torch.float32)
+        return x @ weight.t()
+
+    for question in questions:
+        ids = engine.encode([{"role": "user", "content": question}])[0].tolist()
+        logits = {}
+        with torch.no_grad():
+            for kernel in ("dense", "gemv"):
+                lean.prefill_kernel = kernel
+                logits[kernel] = lean.prefill(ids, lean.new_cache(len(ids)), "alpha")[0]
+            lean.prefill_kernel = "dense"
+            fused_type = type(lean.layers[0].qkv)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(fused_type, "dense", float32_dense)
+                reference = lean.prefill(ids, lean.new_cache(len(ids)), "alpha")[0]
+        for kernel in errors:
+            errors[kernel].append(float((logits[kernel] - reference).abs().max()))
+            picked = int(logits[kernel].argmax())  # the float32 choice, or a near-tie with it
+            assert float(reference.max() - reference[picked]) < 0.05
+    assert statistics.median(errors["dense"]) <= statistics.median(errors["gemv"]) * 1.25
+
+
+def test_shared_prefix_is_computed_once_and_agrees_with_the_whole_prompt(engine: Engine, lean: LeanDecoder) -> None:
+    """A reused prefix gives exactly the answer its first use gave. Against prefilling the whole
+    prompt at once the next-token logits agree closely and pick the same token, but are not bit-equal:
+    attention over a cached prefix takes a masked kernel, the whole prompt a causal one."""
+    fixed = [{"role": "system", "content": "You are a careful assistant. Answer in one sentence."},
+             {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 is 4."}]
+    for adapter in (None, "alpha"):
+        messages = fixed + [{"role": "user", "content": "What is a budget?"}]
+        first = engine.complete(messages, adapter, GREEDY, prefix_messages=3)  # computes the prefix
+        assert engine.complete(messages, adapter, GREEDY, prefix_messages=3) == first  # reuses it
+        assert any(key[0] == adapter for key in engine._batcher.prefixes.keys())
+
+        ids = engine.encode(messages)
+        prefix = engine._prefix_ids(fixed, ids)
+        assert 10 < len(prefix) < ids.shape[1]
+        with torch.no_grad():
+            whole = lean.prefill(ids[0].tolist(), lean.new_cache(ids.shape[1]), adapter)[0]
+            cache = lean.new_cache(ids.shape[1])
+            lean.prefill(list(prefix), cache, adapter)
+            split = lean.prefill(ids[0, len(prefix):].tolist(), cache, adapter)[0]
+        assert int(whole.argmax()) == int(split.argmax())
+        assert float((whole - split).abs().max()) < 3e-2 * float(whole.abs().max())  # as transformers: ~1 %
+
+
+def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDecoder) -> None:
+    broken = _Request([10**9], None, GREEDY, None, None, ())  # a token id the model does not have
+    with pytest.raises(IndexError):
+        list(engine._batcher.run(broken))
+    assert engine.complete(PROMPTS[0], "alpha", GenerationParams(max_new_tokens=4, temperature=0.0)).strip()
+
+
+def test_declines_a_model_it_does_not_understand() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plain = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    assert LeanDecoder._unsupported(plain) == "q_proj is not a bitsandbytes nf4 layer"
+    assert LeanDecoder.build(plain) is None
