@@ -107,13 +107,17 @@ def test_concurrent_streams_are_batched_and_each_matches_its_solo_answer(engine:
     assert max(widest) >= 2, "concurrent requests should share decode steps"
 
 
-def test_dense_prefill_is_as_close_to_float32_as_transformers(engine: Engine, lean: LeanDecoder) -> None:
+def test_dense_prefill_is_as_accurate_as_transformers_kernel(engine: Engine, lean: LeanDecoder) -> None:
     """The fast prefill (bfloat16 matmuls) is not bit-equal to bitsandbytes' kernel, so it is held to
-    accuracy instead: against the same weights in float32, it is no further off than the kernel
-    transformers uses, and picks the same next token (or one tied with it to 0.05)."""
+    accuracy instead: against the same 4-bit weights multiplied in float32, its next-token
+    distribution is about as close as the kernel transformers uses (KL divergence, median over
+    prompts; measured with the shipped adapters: 3-4e-4 nats for both), and it picks the float32
+    token or one tied with it to 0.05."""
     questions = ["What is a Roth IRA?", "When should I see a doctor about a headache?",
-                 "What does a tenant's security deposit cover?", "How do I reset my password?"]
-    errors: dict[str, list[float]] = {"dense": [], "gemv": []}
+                 "What does a tenant's security deposit cover?", "How do I reset my password?",
+                 "What is compound interest?", "Can my landlord keep my deposit?",
+                 "How much water should I drink a day?", "Where is my order?"]
+    divergence: dict[str, list[float]] = {"dense": [], "gemv": []}
 
     def float32_dense(self, x):
         weight = torch.ops.bitsandbytes.dequantize_4bit(self.plain, self.plain_absmax, self.blocksize, "nf4",
@@ -128,15 +132,16 @@ def test_dense_prefill_is_as_close_to_float32_as_transformers(engine: Engine, le
                 lean.prefill_kernel = kernel
                 logits[kernel] = lean.prefill(ids, lean.new_cache(len(ids)), "alpha")[0]
             lean.prefill_kernel = "dense"
-            fused_type = type(lean.layers[0].qkv)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(fused_type, "dense", float32_dense)
+                patch.setattr(type(lean.layers[0].qkv), "dense", float32_dense)
                 reference = lean.prefill(ids, lean.new_cache(len(ids)), "alpha")[0]
-        for kernel in errors:
-            errors[kernel].append(float((logits[kernel] - reference).abs().max()))
-            picked = int(logits[kernel].argmax())  # the float32 choice, or a near-tie with it
+        for kernel in divergence:
+            divergence[kernel].append(float(torch.nn.functional.kl_div(
+                logits[kernel].log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum")))
+            picked = int(logits[kernel].argmax())
             assert float(reference.max() - reference[picked]) < 0.05
-    assert statistics.median(errors["dense"]) <= statistics.median(errors["gemv"]) * 1.25
+    assert statistics.median(divergence["dense"]) <= 2 * statistics.median(divergence["gemv"])
+    assert statistics.median(divergence["dense"]) < 2e-3
 
 
 def test_shared_prefix_is_computed_once_and_agrees_with_the_whole_prompt(engine: Engine, lean: LeanDecoder) -> None:
