@@ -44,6 +44,7 @@ MAX_BATCH_ROWS = 8  # sequences decoded together; more wait for a free row
 BATCHER_POLL_S = 5.0  # how often a waiting reader checks that the generation thread is alive
 PREFIX_CACHE_ENTRIES = 16  # (adapter, fixed prefix) pairs kept; ~25 MB each for a 600-token prefix
 ADAPTER_CONFIG = "adapter_config.json"
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -170,8 +171,30 @@ def load_base(settings: Settings):  # -> (PreTrainedModel, PreTrainedTokenizer)
             "once on a connected machine (`hf download ID`), point DOMAINCHAT_BASE_MODEL at a local "
             "folder, or use DOMAINCHAT_BASE_MODEL=bundled."
         ) from None
+    _release_checkpoint(source)
     model.eval()
     return model, tokenizer
+
+
+def _release_checkpoint(source: str) -> None:
+    """Drop this process's resident pages of the memory-mapped checkpoint files in `source`.
+
+    transformers leaves the parameters that stay in floating point (embeddings, norms) as views of
+    the memory-mapped safetensors file, so every page read while quantizing stays resident: 405 of
+    the process's 920 MB right after loading the 135M model (measured in /proc/self/smaps). The
+    pages are clean file pages: dropping them is safe, and the ones still used (the 113 MB
+    embedding) come back from the page cache on first touch. Linux only; elsewhere a no-op."""
+    folder = str(Path(source).resolve()) + os.sep
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            regions = [line.split() for line in maps]
+    except OSError:
+        return
+    for fields in regions:
+        if len(fields) >= 6 and fields[5].startswith(folder) and fields[5].endswith(".safetensors"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 # --------------------------------------------------------------------------- adapters

@@ -270,8 +270,10 @@ class LexicalIndex:
     """BM25 over a domain's chunks, with Lucene's always-positive idf, log(1 + (N - n + 0.5) / (n + 0.5)).
 
     (rank_bm25's Okapi idf drops to ~0 for a term in half the chunks, so in a small knowledge
-    base the very term a question is about can count for nothing.) Only chunks sharing a term with
-    the question are scored, via an inverted index."""
+    base the very term a question is about can count for nothing.) Each term's contribution to
+    every chunk that contains it is computed once, when the index is built, so a question costs
+    one vector addition per term (numpy): at 10,000 chunks, a Python loop over the postings took
+    about a third of a 30 ms search."""
 
     K1 = 1.5
     B = 0.75
@@ -280,26 +282,38 @@ class LexicalIndex:
         import math
         from collections import Counter
 
+        import numpy as np
+
         self.ids = list(ids)
-        self.postings: dict[str, list[tuple[int, int]]] = {}
+        postings: dict[str, list[tuple[int, int]]] = {}
         lengths = []
         for index, text in enumerate(texts):
             counts = Counter(bm25_tokens(text))
             lengths.append(sum(counts.values()))
             for term, tf in counts.items():
-                self.postings.setdefault(term, []).append((index, tf))
-        self.lengths = lengths
-        self.average_length = (sum(lengths) / len(lengths)) if lengths else 0.0
+                postings.setdefault(term, []).append((index, tf))
+        length = np.asarray(lengths, dtype=np.float64)
+        average = float(length.mean()) if lengths else 0.0
         n_docs = len(lengths)
-        self.idf = {t: math.log(1 + (n_docs - len(p) + 0.5) / (len(p) + 0.5)) for t, p in self.postings.items()}
+        self.weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # term -> (chunk indexes, scores)
+        for term, entries in postings.items():
+            chunks = np.fromiter((i for i, _ in entries), dtype=np.int64, count=len(entries))
+            tf = np.fromiter((t for _, t in entries), dtype=np.float64, count=len(entries))
+            idf = math.log(1 + (n_docs - len(entries) + 0.5) / (len(entries) + 0.5))
+            norm = tf + self.K1 * (1 - self.B + self.B * length[chunks] / (average or 1))
+            self.weights[term] = (chunks, idf * tf * (self.K1 + 1) / norm)
 
     def top(self, question: str, n: int) -> list[str]:
-        scores: dict[int, float] = {}
+        """Ids of the n best-scoring chunks that share a term with the question (ties: stored order)."""
+        import numpy as np
+
+        scores = np.zeros(len(self.ids))
         for term in set(bm25_tokens(question)):
-            for index, tf in self.postings.get(term, ()):
-                norm = tf + self.K1 * (1 - self.B + self.B * self.lengths[index] / (self.average_length or 1))
-                scores[index] = scores.get(index, 0.0) + self.idf[term] * tf * (self.K1 + 1) / norm
-        best = sorted(scores, key=scores.get, reverse=True)[:n]
+            if term in self.weights:
+                chunks, weights = self.weights[term]
+                scores[chunks] += weights
+        matching = np.flatnonzero(scores > 0)
+        best = matching[np.argsort(-scores[matching], kind="stable")[:n]]
         return [self.ids[i] for i in best]
 
 
