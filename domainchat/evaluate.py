@@ -159,10 +159,28 @@ def perplexity_metrics(assistant: Assistant, domain: Domain, items: Sequence[Eva
     return report
 
 
+def check_ready(assistant: Assistant, domain_ids: Sequence[str], configs: Sequence[str]) -> None:
+    """Raise BadInput, saying what to do, when a domain lacks what the requested eval needs: a
+    knowledge base, or a usable adapter for a configuration that uses one. Numbers measured without
+    them would look like results and mean nothing."""
+    needs_adapter = [c for c in configs if CONFIGS[c][0]]
+    for domain_id in domain_ids:
+        domain = assistant.registry.get(domain_id)
+        if assistant.knowledge is None or assistant.knowledge.count(domain_id) == 0:
+            raise BadInput(f"The knowledge base of '{domain_id}' is empty: put documents in knowledge/{domain_id}/ "
+                           f"(or run `domainchat ingest --domain {domain_id} PATH`), then run the eval again.")
+        adapter, why = assistant.adapter_for(domain)
+        if adapter is None and needs_adapter:
+            raise BadInput(f"'{domain_id}' has no usable adapter ({why}), which {', '.join(needs_adapter)} needs: "
+                           f"train one with `domainchat train --domain {domain_id}`, or leave it out, e.g. "
+                           "--configs base,base+rag.")
+
+
 def run_eval(
     assistant: Assistant, domain_ids: Sequence[str], configs: Sequence[str], limit: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
+    check_ready(assistant, domain_ids, configs)
     report: dict = {"base_model": assistant.engine.base_source if assistant.engine else None,
                     "quant": assistant.settings.quant, "params": EVAL_PARAMS.__dict__, "domains": {}}
     for domain_id in domain_ids:
@@ -176,10 +194,6 @@ def run_eval(
         else:
             entry["perplexity"] = {"skipped": "no usable adapter"}
         for config in configs:
-            use_adapter = CONFIGS[config][0]
-            if use_adapter and assistant.adapter_for(domain)[0] is None:
-                entry["generation"][config] = {"key_fact_recall": None, "skipped": "no usable adapter"}
-                continue
             entry["generation"][config] = generation_metrics(assistant, domain, answerable, config, progress)
         report["domains"][domain_id] = entry
     return report
@@ -409,6 +423,9 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
             _timed_stream(engine, short, usable[0], one_token)[0] for _ in range(runs)), 3)
         domain = registry.get("finance" if "finance" in registry.domains else usable[0])
         store = KnowledgeStore.open(settings.home, settings.chroma_url)
+        if store.count(domain.id) == 0:
+            raise BadInput(f"The bench's RAG prompt needs the '{domain.id}' knowledge base, which is empty: put "
+                           f"documents in knowledge/{domain.id}/ (or run `domainchat ingest --domain {domain.id} PATH`).")
         question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
         passages = store.search(domain.id, question, domain.retrieval.k)
         adapter = domain.id if engine.available(domain.id) else None

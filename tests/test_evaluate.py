@@ -78,3 +78,27 @@ def test_shipped_risk_questions_name_real_rules(domains_dir: Path) -> None:
     for domain in load_registry(domains_dir).domains.values():
         checks = [i for i in load_eval(domain) if i.expect_rule]
         assert len(checks) >= 3 and {i.expect_rule for i in checks} <= {r.id for r in domain.risk_rules}, domain.id
+
+
+@pytest.mark.model
+def test_eval_refuses_to_measure_what_is_missing(domain_assistant) -> None:
+    """A configuration that needs an adapter, for a domain without one, or a domain whose knowledge
+    base is empty: a clear error that says what to do, before any answer is generated."""
+    from domainchat.chat import Assistant
+    from domainchat.evaluate import check_ready
+
+    check_ready(domain_assistant, ["finance"], ["base+rag", "adapter+rag"])  # has both
+    check_ready(domain_assistant, ["medical"], ["base", "base+rag"])  # no adapter needed
+    with pytest.raises(BadInput, match=r"'medical' has no usable adapter .*domainchat train --domain medical"):
+        check_ready(domain_assistant, ["finance", "medical"], ["adapter+rag"])
+
+    class EmptyKnowledge:  # the store's state is what this test is about, not search
+        def count(self, domain_id: str) -> int:
+            return 0
+
+        def search(self, domain_id: str, question: str, k: int) -> list:
+            return []
+
+    empty = Assistant(domain_assistant.settings, domain_assistant.registry, domain_assistant.engine, EmptyKnowledge())
+    with pytest.raises(BadInput, match=r"knowledge base of 'finance' is empty.*domainchat ingest --domain finance"):
+        check_ready(empty, ["finance"], ["base"])
