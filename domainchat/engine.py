@@ -5,10 +5,15 @@ DOMAINCHAT_HOME), loading it once with bitsandbytes (nf4 by default), loading ev
 under its name, checking each adapter really changes the model (the canary), and generating text
 token by token for a list of chat messages with a named adapter or none.
 
+Generation takes one of two paths. When `decoder.LeanDecoder` understands the model (a Llama in
+nf4 on a CPU with AVX512-BF16; DOMAINCHAT_DECODER=lean, the default), one batcher thread runs every
+request: each is prefilled on arrival, then all running requests advance one token per step as the
+rows of one batch, each row with its own adapter. Otherwise transformers + peft generate: peft's
+active adapter is process-wide state, so every forward step takes one lock and routes to the adapter
+its request asked for; requests may interleave token by token and still each get their own adapter.
+
 The engine knows nothing about domains, prompts or retrieval: it is given messages, an adapter
-name and sampling parameters, and yields text. peft's active adapter is process-wide state, so
-every forward step takes one lock and routes to the adapter its request asked for; requests for
-different adapters may interleave token by token and still each get their own adapter.
+name and sampling parameters, and yields text.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ MAX_BATCH_ROWS = 8  # sequences decoded together; more wait for a free row
 BATCHER_POLL_S = 5.0  # how often a waiting reader checks that the generation thread is alive
 PREFIX_CACHE_ENTRIES = 16  # (adapter, fixed prefix) pairs kept; ~25 MB each for a 600-token prefix
 ADAPTER_CONFIG = "adapter_config.json"
-MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
 
 @dataclass(frozen=True)
