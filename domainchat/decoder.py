@@ -194,7 +194,7 @@ class LeanDecoder:
 
     def __init__(self, model, layers: list[LayerWeights], loras: dict[str, list[dict[str, LoraGroup]]]) -> None:
         # "dense": prompts go through bfloat16 matrix multiplies (2.5x faster at 700 tokens and as
-        # close to float32 as bitsandbytes' kernel: KL 3-4e-4 nats for both, measured); "gemv":
+        # close to float32 as bitsandbytes' kernel: KL 2-6e-4 nats for both, measured); "gemv":
         # the kernel transformers uses, for outputs identical to transformers' token for token.
         self.prefill_kernel = "dense"
         self._composition: tuple[tuple, list] | None = None  # the last batch's adapters and LoRA stacks

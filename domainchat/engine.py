@@ -564,7 +564,10 @@ class Engine:
         return float((tuned.float() - base.float()).abs().max())
 
     def warm_up(self) -> None:
-        """One forward pass, so the first request does not pay for bitsandbytes' weight repacking."""
+        """One forward pass, so the first request does not pay for bitsandbytes' weight repacking
+        (nothing to do once any forward has run: the canaries, or the lean decoder's build)."""
+        if self._served:
+            return
         with torch.no_grad():
             self._forward(self.encode(CANARY_MESSAGES), None, None)
 

@@ -111,8 +111,9 @@ def test_dense_prefill_is_as_accurate_as_transformers_kernel(engine: Engine, lea
     """The fast prefill (bfloat16 matmuls) is not bit-equal to bitsandbytes' kernel, so it is held to
     accuracy instead: against the same 4-bit weights multiplied in float32, its next-token
     distribution is about as close as the kernel transformers uses (KL divergence, median over
-    prompts; measured with the shipped adapters: 3-4e-4 nats for both), and it picks the float32
-    token or one tied with it to 0.05."""
+    prompts: 2-6e-4 nats for both, measured; which one is closer moves with the rounding of the
+    run, so the bound is loose), and it picks the float32 token or one tied with it to 0.05. A
+    wrong dequantization or layout gives a KL of several nats."""
     questions = ["What is a Roth IRA?", "When should I see a doctor about a headache?",
                  "What does a tenant's security deposit cover?", "How do I reset my password?",
                  "What is compound interest?", "Can my landlord keep my deposit?",
@@ -140,7 +141,7 @@ def test_dense_prefill_is_as_accurate_as_transformers_kernel(engine: Engine, lea
                 logits[kernel].log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum")))
             picked = int(logits[kernel].argmax())
             assert float(reference.max() - reference[picked]) < 0.05
-    assert statistics.median(divergence["dense"]) <= 2 * statistics.median(divergence["gemv"])
+    assert statistics.median(divergence["dense"]) <= 4 * statistics.median(divergence["gemv"])
     assert statistics.median(divergence["dense"]) < 2e-3
 
 
