@@ -90,8 +90,9 @@ class Assistant:
         each domain's store up to date with `knowledge/<id>/` (cheap when nothing changed). Both are
         warmed up, so that the first question does not pay for loading the embedder or repacking
         the 4-bit weights. One after the other on purpose: loading the model briefly needs ~400 MB
-        more than it keeps, and opening the knowledge store beside it pushed the peak from ~1.45 to
-        up to 1.7 GB (measured); in sequence, start-up takes ~5 s longer."""
+        more than it keeps, and opening the knowledge store beside it put the peak at 1.49-1.67 GB
+        instead of 1.11-1.23 GB (measured); start-up did not get slower (13.8 s in `domainchat bench`),
+        as the two loads had been competing for the same cores."""
         registry = load_registry(settings.domains_dir)
         engine: Engine | RemoteEngine
         if settings.llm_url:  # a generation server holds the model and the adapters

@@ -597,10 +597,7 @@ class Engine:
         """The token ids of `prefix` when `ids` starts with them (and goes on after), else ()."""
         if not prefix:
             return ()
-        prefix_ids = self.tokenizer.apply_chat_template(list(prefix), add_generation_prompt=False, return_tensors="pt")
-        if not torch.is_tensor(prefix_ids):
-            prefix_ids = prefix_ids["input_ids"]
-        prefix_ids = prefix_ids.to(self.device)
+        prefix_ids = self._template_ids(prefix, add_generation_prompt=False)
         n = prefix_ids.shape[1]
         if n >= ids.shape[1] or not torch.equal(ids[0, :n], prefix_ids[0]):
             return ()
@@ -626,7 +623,12 @@ class Engine:
     # -- generation ----------------------------------------------------------------------------
 
     def encode(self, messages: Sequence[Mapping[str, str]]) -> torch.Tensor:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt")
+        """The prompt ids of `messages`, ending with the assistant's turn opening."""
+        return self._template_ids(messages, add_generation_prompt=True)
+
+    def _template_ids(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> torch.Tensor:
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                 return_tensors="pt")
         if not torch.is_tensor(ids):
             ids = ids["input_ids"]
         return ids.to(self.device)

@@ -292,6 +292,7 @@ BENCH_TARGETS = {
     "retrieval_p50_ms_10k": ("<=", 30.0),
     "serving_peak_rss_mb": ("<=", 1536.0),
 }
+DECODE_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]  # long replies
 # A separate process: start the app as `serve` would (model, every adapter, knowledge), answer one
 # question, and report its own peak memory, untouched by what the bench itself loads.
 SERVING_PROBE = """
@@ -392,7 +393,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         # PeftModel.generate on the caller's thread, before anything else generates: it is the
         # transformers path at its best here (a second thread's OpenMP pool slows it, measured).
         naive = []
-        naive_prompt = engine.encode([{"role": "user", "content": "Write a long story about a lighthouse keeper."}])
+        naive_prompt = engine.encode(DECODE_PROMPT)
         for _ in range(runs):
             with engine._lock:
                 engine._route(usable[0])
@@ -442,7 +443,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
 
         progress("decode")
         decode = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
-        prompt = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+        prompt = DECODE_PROMPT
         report["decoder"] = "lean" if engine._decoder is not None else "transformers"
         ours = []
         for _ in range(runs):
