@@ -112,8 +112,10 @@ def test_dense_prefill_is_as_accurate_as_transformers_kernel(engine: Engine, lea
     accuracy instead: against the same 4-bit weights multiplied in float32, its next-token
     distribution is about as close as the kernel transformers uses (KL divergence, median over
     prompts: 2-6e-4 nats for both, measured; which one is closer moves with the rounding of the
-    run, so the bound is loose), and it picks the float32 token or one tied with it to 0.05. A
-    wrong dequantization or layout gives a KL of several nats."""
+    run, so the bound is loose), and it picks the float32 token or one within 0.25 of it. Its logits
+    among float32's top 20 differ from float32 by up to 0.13 (the kernel's by up to 0.30), so a
+    near-tie may resolve either way; a CI run saw one 0.068 apart. A wrong dequantization or layout
+    gives a KL of several nats and a token many logits below the best."""
     questions = ["What is a Roth IRA?", "When should I see a doctor about a headache?",
                  "What does a tenant's security deposit cover?", "How do I reset my password?",
                  "What is compound interest?", "Can my landlord keep my deposit?",
@@ -139,8 +141,8 @@ def test_dense_prefill_is_as_accurate_as_transformers_kernel(engine: Engine, lea
         for kernel in divergence:
             divergence[kernel].append(float(torch.nn.functional.kl_div(
                 logits[kernel].log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum")))
-            picked = int(logits[kernel].argmax())
-            assert float(reference.max() - reference[picked]) < 0.05
+        picked = int(logits["dense"].argmax())
+        assert float(reference.max() - reference[picked]) < 0.25, question
     assert statistics.median(divergence["dense"]) <= 4 * statistics.median(divergence["gemv"])
     assert statistics.median(divergence["dense"]) < 2e-3
 
