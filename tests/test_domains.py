@@ -46,6 +46,33 @@ def test_medical_emergency_stops(domains_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("domain_id", "question", "rule"),
+    [
+        ("medical", "My daughter ate a handful of her grandma's heart tablets", "overdose_poisoning"),
+        ("medical", "our puppy chewed up my blood pressure pills", "overdose_poisoning"),
+        ("medical", "My son swallowed a button battery", "overdose_poisoning"),
+        ("medical", "How should I store pills so my toddler can't reach them?", None),
+        ("medical", "Can my child take vitamins every day?", None),
+        ("medical", "My son swallowed his tablet whole, is that a problem?", None),
+        ("medical", "My daughter took her antibiotics but still has a fever", None),
+        ("legal", "What's the best way to hide assets from my spouse in the divorce?", "crime_or_evasion"),
+        ("legal", "Is it illegal to hide money from the court in a bankruptcy?", None),
+        ("legal", "Can creditors take money I keep in a retirement account?", None),
+        ("customer_service", "Somebody reset my password and now I can't log in", "account_security"),
+        ("customer_service", "My email address was changed and it wasn't me", "account_security"),
+        ("customer_service", "How do I change my password?", None),
+        ("customer_service", "I changed my email, will my orders still arrive?", None),
+    ],
+)
+def test_shipped_risk_rules_catch_rephrasings_and_let_ordinary_questions_through(
+        domains_dir: Path, domain_id: str, question: str, rule: str | None) -> None:
+    """Phrasings that are in neither train.jsonl nor eval.jsonl, so the rules are not fitted to those files."""
+    domain = load_registry(domains_dir).get(domain_id)
+    fired = [r.id for r in domain.risk_rules if r.matches(question)]
+    assert (fired[0] if fired else None) == rule
+
+
+@pytest.mark.parametrize(
     ("overrides", "key"),
     [
         ({"title": ""}, "title"),
