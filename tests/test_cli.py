@@ -84,3 +84,25 @@ def test_eval_bad_configuration_fails_before_loading_anything(capsys: pytest.Cap
     assert "unknown configuration 'turbo'" in capsys.readouterr().err
     assert main(["eval", "--domain", "astrology"]) == 2
     assert "Unknown domain" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_bench_with_an_empty_knowledge_base_is_exit_2_before_measuring(
+        monkeypatch: pytest.MonkeyPatch, settings, base_checkpoint: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    home = tmp_path / "home"  # a store of its own: the session's is locked by this process
+    home.mkdir()
+    (home / "models").symlink_to(settings.home / "models")  # the converted model, not converted again
+    for name, value in (("HOME", home), ("KNOWLEDGE_DIR", tmp_path / "no-documents"),
+                        ("ADAPTERS_DIR", tmp_path / "no-adapters")):
+        monkeypatch.setenv(f"DOMAINCHAT_{name}", str(value))
+    from domainchat.engine import Engine
+
+    def measuring(*args, **kwargs):
+        raise AssertionError("the bench began measuring with an empty knowledge base")
+
+    monkeypatch.setattr(Engine, "start", measuring)  # the probe runs in its own process, unaffected
+    assert main(["bench", "--json", "--out", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'finance' knowledge base, which is empty" in err and "domainchat ingest --domain finance" in err
+    assert "Traceback" not in err and not (tmp_path / "bench").exists()
