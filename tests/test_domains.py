@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,20 @@ def test_medical_emergency_stops(domains_dir: Path) -> None:
                      "I want to kill myself"):
         fired = [r for r in medical.risk_rules if r.matches(question)]
         assert fired and fired[0].action == "stop", question
+
+
+def test_shipped_risk_rules_agree_with_the_shipped_data(domains_dir: Path) -> None:
+    """Every risk question in train.jsonl and eval.jsonl fires (eval's the rule it names) and no
+    other question does, so a widened pattern cannot start catching ordinary questions unnoticed."""
+    for domain in load_registry(domains_dir).domains.values():
+        for name in ("train.jsonl", "eval.jsonl"):
+            for line in (domains_dir / domain.id / name).read_text(encoding="utf-8").splitlines():
+                item = json.loads(line)
+                fired = [r.id for r in domain.risk_rules if r.matches(item["question"])]
+                if item.get("expect_rule"):
+                    assert fired[:1] == [item["expect_rule"]], (domain.id, item["question"])
+                else:
+                    assert bool(fired) == (item.get("kind") == "risk"), (domain.id, name, item["question"], fired)
 
 
 @pytest.mark.parametrize(
