@@ -159,6 +159,10 @@ def perplexity_metrics(assistant: Assistant, domain: Domain, items: Sequence[Eva
     return report
 
 
+def _fill_knowledge(domain_id: str) -> str:
+    return f"put documents in knowledge/{domain_id}/ (or run `domainchat ingest --domain {domain_id} PATH`)"
+
+
 def check_ready(assistant: Assistant, domain_ids: Sequence[str], configs: Sequence[str]) -> None:
     """Raise BadInput, saying what to do, when a domain lacks what the requested eval needs: a
     knowledge base, or a usable adapter for a configuration that uses one. Numbers measured without
@@ -167,8 +171,8 @@ def check_ready(assistant: Assistant, domain_ids: Sequence[str], configs: Sequen
     for domain_id in domain_ids:
         domain = assistant.registry.get(domain_id)
         if assistant.knowledge is None or assistant.knowledge.count(domain_id) == 0:
-            raise BadInput(f"The knowledge base of '{domain_id}' is empty: put documents in knowledge/{domain_id}/ "
-                           f"(or run `domainchat ingest --domain {domain_id} PATH`), then run the eval again.")
+            raise BadInput(f"The knowledge base of '{domain_id}' is empty: {_fill_knowledge(domain_id)}, then run "
+                           "the eval again.")
         adapter, why = assistant.adapter_for(domain)
         if adapter is None and needs_adapter:
             raise BadInput(f"'{domain_id}' has no usable adapter ({why}), which {', '.join(needs_adapter)} needs: "
@@ -380,8 +384,8 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
     report["serving_peak_rss_mb"] = probe["peak_rss_mb"]
     domain = registry.get("finance" if "finance" in registry.domains else domain_ids[0])
     if not probe["chunks"].get(domain.id):  # known from the probe's store, before minutes of measuring
-        raise BadInput(f"The bench's RAG prompt needs the '{domain.id}' knowledge base, which is empty: put "
-                       f"documents in knowledge/{domain.id}/ (or run `domainchat ingest --domain {domain.id} PATH`).")
+        raise BadInput(f"The bench's RAG prompt needs the '{domain.id}' knowledge base, which is empty: "
+                       f"{_fill_knowledge(domain.id)}.")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
