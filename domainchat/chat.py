@@ -90,9 +90,10 @@ class Assistant:
         each domain's store up to date with `knowledge/<id>/` (cheap when nothing changed). Both are
         warmed up, so that the first question does not pay for loading the embedder or repacking
         the 4-bit weights. One after the other on purpose: loading the model briefly needs ~400 MB
-        more than it keeps, and opening the knowledge store beside it put the peak at 1.49-1.67 GB
-        instead of 1.11-1.23 GB (measured); start-up did not get slower (13.8 s in `domainchat bench`),
-        as the two loads had been competing for the same cores."""
+        more than it keeps (the peak is at the end of `load_base`), and opening the knowledge store
+        beside it put the peak at 1.49-1.67 GB instead of 1.11-1.36 GB (measured over nine starts of
+        the bench's probe); start-up did not get slower, as the two loads had been competing for
+        the same cores."""
         registry = load_registry(settings.domains_dir)
         engine: Engine | RemoteEngine
         if settings.llm_url:  # a generation server holds the model and the adapters
