@@ -60,6 +60,9 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's and TGI's extension
+    # vLLM's extension: the last message is the assistant's reply so far, to be continued (raw models)
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
     user: str | None = None
 
 
@@ -206,10 +209,15 @@ def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> 
                     for m in body.messages if m.role in ("system", "developer", "user", "assistant")]
         if sum(len(m["content"]) for m in messages) > 64_000:
             raise TooLarge("The messages are over 64,000 characters; shorten them.")
+        reply_start = ""
+        if body.continue_final_message:
+            if not messages or messages[-1]["role"] != "assistant":
+                raise BadInput("continue_final_message needs the last message to be the assistant's.")
+            reply_start = messages.pop()["content"]
 
         def raw() -> Iterator[Any]:
             pieces = []
-            for piece in assistant.engine.stream(messages, adapter, params, cancel):
+            for piece in assistant.engine.stream(messages, adapter, params, cancel, reply_start=reply_start):
                 pieces.append(piece)
                 yield Token(piece)
             yield Done(answer="".join(pieces), adapter=adapter, abstained=False,

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from domainchat import prompts, safety
-from domainchat.domains import Domain, Registry, load_registry
+from domainchat import grounding, prompts, safety
+from domainchat.domains import Domain, GroundingSettings, Registry, load_registry
 from domainchat.engine import Engine, GenerationParams
 from domainchat.knowledge import KnowledgeStore, Passage
 from domainchat.remote import RemoteEngine
 from domainchat.settings import Settings
 
 WITHHELD_ANSWER = "I can't share my instructions. Please ask a question about this topic."
+MIN_CONTINUATION_TOKENS = 32  # what the model may add after an evidence opening, at the least
 PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
 
 
@@ -152,6 +153,27 @@ class Assistant:
         return prompts.render(domain, question, history, passages, count_tokens=self.engine.count_tokens,
                               budget=budget, with_few_shot=use_few_shot)
 
+    def ground(self, question: str, history: Sequence[tuple[str, str]], passages: list[Passage] | None,
+               params: GenerationParams, settings: GroundingSettings) -> tuple[str, GenerationParams]:
+        """(the text the answer opens with, the parameters with the number guard's allowed list):
+        the levers that keep an answer to its passages. Nothing changes without passages."""
+        if not passages:
+            return "", params
+        reply_start = ""
+        if settings.evidence_sentences:
+            embeddings = getattr(self.knowledge, "embeddings", None)
+            evidence = grounding.select_evidence(question, passages, embeddings.embed_documents if embeddings else None,
+                                                 settings.evidence_sentences)
+            reply_start = grounding.opening(evidence)
+            # The opening counts against the answer's length, so answers stay as short as before.
+            params = replace(params, max_new_tokens=max(MIN_CONTINUATION_TOKENS,
+                                                        params.max_new_tokens - self.engine.count_tokens(reply_start)))
+        if settings.number_guard:
+            allowed = grounding.allowed_numbers([p.text for p in passages] + [question] +
+                                                [text for turn in history for text in turn])
+            params = replace(params, allowed_numbers=allowed)
+        return reply_start, params
+
     def reference_nll(self, domain_id: str, question: str, reference: str, use_adapter: bool) -> tuple[float, int]:
         """(summed NLL, tokens) of a reference answer given the prompt `answer` would send, retrieval on,
         with the domain's adapter or the base alone: what eval turns into perplexity."""
@@ -173,11 +195,13 @@ class Assistant:
         use_few_shot: bool | None = None,
         cancel: threading.Event | None = None,
         params: GenerationParams | None = None,
+        grounding_settings: GroundingSettings | None = None,
     ) -> Iterator[Event]:
         """Answer `question` in `domain_id`, given earlier (user, assistant) turns, as a stream of events.
 
         `use_few_shot` None means as served: few-shot examples for the base model, none for an adapter
-        (prompts.few_shot_for)."""
+        (prompts.few_shot_for). `grounding_settings` None means the domain's own (the eval overrides
+        them to measure each lever)."""
         started = time.perf_counter()
         domain = self.registry.get(domain_id)
         question = safety.clean_question(question)
@@ -225,12 +249,17 @@ class Assistant:
         prompt_tokens = rendered.tokens
         if rendered.passages:
             yield Sources(rendered.passages)
+        reply_start, params = self.ground(question, history, rendered.passages if passages is not None else None,
+                                          params, grounding_settings or domain.grounding)
 
-        pieces: list[str] = []
+        pieces: list[str] = [reply_start] if reply_start else []
         first_token_at = None
         fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question
         withheld = False
-        for piece in self.engine.stream(rendered.messages, adapter, params, cancel, prefix_messages=fixed):
+        if reply_start:
+            yield Token(reply_start)
+        for piece in self.engine.stream(rendered.messages, adapter, params, cancel, prefix_messages=fixed,
+                                        reply_start=reply_start):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
                 timing["ttft_ms"] = round((first_token_at - started) * 1000, 1)
@@ -240,10 +269,11 @@ class Assistant:
                 break
             yield Token(piece)
         answer = "".join(pieces).strip()
+        generated = "".join(pieces)[len(reply_start):].strip()
         if withheld:
             yield Notice("risk", "The answer was stopped because it began repeating the assistant's instructions.")
             answer = WITHHELD_ANSWER
-        tokens = self.engine.count_tokens(answer) if answer else 0
+        tokens = self.engine.count_tokens(generated) if generated else 0
         timing["tokens"] = tokens
         if first_token_at is not None and tokens > 1:  # decode speed: tokens after the first one
             timing["tokens_per_s"] = round((tokens - 1) / max(time.perf_counter() - first_token_at, 1e-6), 2)

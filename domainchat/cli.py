@@ -190,12 +190,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     assistant = _start_assistant()
     with tqdm(desc="eval", unit="answer", disable=args.json, file=sys.stderr) as bar:
         report = evaluate.run_eval(assistant, domain_ids, configs, args.limit,
-                                   progress=lambda what: (bar.set_postfix_str(what), bar.update()))
+                                   progress=lambda what: (bar.set_postfix_str(what), bar.update()),
+                                   counterfactual=args.counterfactual, unseen=args.unseen,
+                                   perplexity=not args.no_perplexity)
     written = evaluate.write_report(report, Path(args.out))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print(evaluate.markdown(report))
+        print(evaluate.answers_markdown(report))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -266,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--configs", default="base,base+rag,adapter,adapter+rag",
                             help="comma-separated: base, base+rag, adapter, adapter+rag")
     evaluation.add_argument("--limit", type=int, help="at most this many answerable questions per domain")
+    evaluation.add_argument("--no-perplexity", action="store_true",
+                            help="skip the perplexity of the reference answers (minutes per domain on a CPU)")
+    evaluation.add_argument("--counterfactual", action="store_true",
+                            help="also answer from a copy of the knowledge whose key-fact numbers are changed")
+    evaluation.add_argument("--unseen", action="store_true",
+                            help="also answer from domains/<id>/unseen/ (documents no adapter was trained on)")
     evaluation.set_defaults(run=cmd_eval)
     return parser
 

@@ -71,6 +71,15 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class GroundingSettings:
+    # The answer opens with this many sentences of the passages, those nearest the question, each
+    # with its [n]; the model continues from there (0: the model writes the whole answer).
+    evidence_sentences: int = 3
+    # Numbers the passages, question and conversation do not contain cannot be generated.
+    number_guard: bool = True
+
+
+@dataclass(frozen=True)
 class Domain:
     id: str
     title: str
@@ -83,6 +92,7 @@ class Domain:
     risk_rules: tuple[RiskRule, ...] = ()
     retrieval: RetrievalSettings = RetrievalSettings()
     generation: GenerationSettings = GenerationSettings()
+    grounding: GroundingSettings = GroundingSettings()
     example_questions: tuple[str, ...] = ()
     training: Mapping[str, Any] = field(default_factory=dict)  # read and validated by train.py
     folder: Path | None = None
@@ -114,6 +124,12 @@ class _Reader:
             raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, not {value!r}.")
         if not lo <= value <= hi:
             raise self.fail(key, f"is {value}; it must be between {lo} and {hi}.")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, not {value!r}.")
         return value
 
     def items(self, key: str) -> list[Any]:
@@ -171,7 +187,7 @@ def _few_shot(reader: _Reader, index: int, raw: Any) -> FewShot:
 
 KNOWN_KEYS = {
     "id", "title", "description", "system_prompt", "answer_template", "few_shot", "disclaimer",
-    "abstain_message", "risk_rules", "retrieval", "generation", "example_questions", "training",
+    "abstain_message", "risk_rules", "retrieval", "generation", "grounding", "example_questions", "training",
 }
 
 
@@ -202,6 +218,7 @@ def load_domain(folder: Path) -> Domain:
 
     retrieval = reader.child("retrieval", data.get("retrieval") or {})
     generation = reader.child("generation", data.get("generation") or {})
+    grounding = reader.child("grounding", data.get("grounding") or {})
     training = data.get("training") or {}
     if not isinstance(training, Mapping):
         raise reader.fail("training", "must be a mapping (key: value lines).")
@@ -232,6 +249,10 @@ def load_domain(folder: Path) -> Domain:
             top_p=float(generation.number("top_p", 0.9, 0.01, 1.0)),
             repetition_penalty=float(generation.number("repetition_penalty", 1.1, 1.0, 2.0)),
             no_repeat_ngram=int(generation.number("no_repeat_ngram", 4, 0, 20, integer=True)),
+        ),
+        grounding=GroundingSettings(
+            evidence_sentences=int(grounding.number("evidence_sentences", 3, 0, 5, integer=True)),
+            number_guard=grounding.flag("number_guard", True),
         ),
         example_questions=tuple(examples),
         training=dict(training),

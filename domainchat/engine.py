@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from domainchat.errors import BadInput, ModelUnavailable, TooLarge
+from domainchat.number_guard import NumberGuard
 from domainchat.settings import BUNDLED, Settings
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class GenerationParams:
     # transformers' option this looks at the reply only, so quoting a passage stays possible.
     no_repeat_ngram: int = 0
     seed: int | None = None
+    # The only numbers the reply may write (number_guard); None: any.
+    allowed_numbers: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -254,10 +257,13 @@ def _banned_by_ngram(generated: Sequence[int], n: int) -> list[int]:
 
 def _next_token(
     logits: torch.Tensor, seen: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
-    generated: Sequence[int] = (),
+    generated: Sequence[int] = (), guarded: torch.Tensor | None = None,
 ) -> int:
-    """One token from the last position's logits, the way transformers' generate would pick it."""
+    """One token from the last position's logits, the way transformers' generate would pick it;
+    `guarded` masks tokens the number guard rules out."""
     logits = logits.float()
+    if guarded is not None:
+        logits = logits.masked_fill(guarded[: logits.shape[0]], float("-inf"))
     banned = _banned_by_ngram(generated, params.no_repeat_ngram)
     if banned:
         logits = logits.clone()
@@ -336,6 +342,7 @@ class _Request:
     generator: torch.Generator | None
     cancel: threading.Event | None
     prefix: tuple[int, ...]
+    reply_start: str = ""
     tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ints, then None or an exception
     closed: threading.Event = field(default_factory=threading.Event)  # the consumer went away
     generated: list[int] = field(default_factory=list)
@@ -352,9 +359,10 @@ class _Batcher:
     adapter. Four sequences cost little more per step than one (the 4-bit kernel reads its weights
     once for all rows), so concurrent users share the time instead of queueing for it."""
 
-    def __init__(self, decoder, stop_ids: set[int]) -> None:
+    def __init__(self, decoder, stop_ids: set[int], guard: NumberGuard) -> None:
         self.decoder = decoder
         self.stop_ids = stop_ids
+        self.guard = guard
         self.prefixes = PrefixCache(PREFIX_CACHE_ENTRIES)
         self._pending: list[_Request] = []
         self._wake = threading.Condition()
@@ -434,7 +442,9 @@ class _Batcher:
         if request.stopped():
             request.tokens.put(None)
             return False
-        token = _next_token(logits, request.seen, request.params, request.generator, request.generated)
+        guarded = (self.guard.banned(request.reply_start, request.generated, request.params.allowed_numbers)
+                   if request.params.allowed_numbers is not None else None)
+        token = _next_token(logits, request.seen, request.params, request.generator, request.generated, guarded)
         if token in self.stop_ids:
             request.tokens.put(None)
             return False
@@ -468,6 +478,7 @@ class Engine:
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self._decoder = None  # a decoder.LeanDecoder once use_lean_decoder() succeeds
         self._batcher: _Batcher | None = None
+        self._guard = NumberGuard(tokenizer, int(model.config.vocab_size))
 
     @classmethod
     def start(cls, settings: Settings, adapter_dirs: Mapping[str, Path] | None = None) -> Engine:
@@ -492,7 +503,7 @@ class Engine:
         with self._lock:
             self._decoder = LeanDecoder.build(self.model)
         if self._decoder is not None:
-            self._batcher = _Batcher(self._decoder, self._stop_ids)
+            self._batcher = _Batcher(self._decoder, self._stop_ids, self._guard)
         return self._decoder is not None
 
     @property
@@ -643,8 +654,11 @@ class Engine:
         params: GenerationParams = GenerationParams(),
         cancel: threading.Event | None = None,
         prefix_messages: int = 0,
+        reply_start: str = "",
     ) -> Iterator[str]:
         """Yield the reply to `messages` piece by piece, generated with `adapter` (None: base only).
+        With `reply_start`, the reply is taken to begin with that text (it is not yielded again): the
+        model continues it.
 
         Stops at the end-of-turn token, after `params.max_new_tokens`, or as soon as `cancel` is set
         (or the consumer stops iterating). The first `prefix_messages` messages are a fixed prefix
@@ -654,6 +668,9 @@ class Engine:
             reason = self.adapters[adapter].reason if adapter in self.adapters else "not loaded"
             raise BadInput(f"Adapter '{adapter}' cannot be used: {reason}.")
         ids = self.encode(messages)
+        if reply_start:
+            start = self.tokenizer.encode(reply_start, add_special_tokens=False, return_tensors="pt").to(self.device)
+            ids = torch.cat([ids, start], dim=1)
         if ids.shape[1] + params.max_new_tokens > self.context_window:
             raise TooLarge(
                 f"The conversation is too long for the model ({ids.shape[1]} prompt tokens + "
@@ -661,13 +678,15 @@ class Engine:
             )
         if self._batcher is not None and self._decoder.supports(adapter):
             prefix_ids = self._prefix_ids(messages[:prefix_messages], ids)
-            request = _Request(ids[0].tolist(), adapter, params, _generator(params), cancel, prefix_ids)
+            request = _Request(ids[0].tolist(), adapter, params, _generator(params), cancel, prefix_ids, reply_start)
             yield from self._texts(self._batcher.run(request))
         else:
-            yield from self._texts(self._tokens_transformers(messages, ids, adapter, params, cancel, prefix_messages))
+            yield from self._texts(self._tokens_transformers(messages, ids, adapter, params, cancel, prefix_messages,
+                                                             reply_start))
 
     def _tokens_transformers(self, messages, ids: torch.Tensor, adapter: str | None, params: GenerationParams,
-                             cancel: threading.Event | None, prefix_messages: int) -> Iterator[int]:
+                             cancel: threading.Event | None, prefix_messages: int,
+                             reply_start: str = "") -> Iterator[int]:
         """Reply tokens one forward pass at a time through transformers + peft (any model)."""
         generator = _generator(params)
         cache, cached = self._cached_prefix(messages[:prefix_messages], ids, adapter)
@@ -679,7 +698,9 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     return
                 logits = self._forward(step_input, adapter, cache).logits[0, -1].cpu()
-                token = _next_token(logits, seen, params, generator, generated)
+                guarded = (self._guard.banned(reply_start, generated, params.allowed_numbers)
+                           if params.allowed_numbers is not None else None)
+                token = _next_token(logits, seen, params, generator, generated, guarded)
                 if token in self._stop_ids:
                     return
                 generated.append(token)
@@ -718,5 +739,5 @@ class Engine:
         return float(nll), int(reply.shape[1])
 
     def complete(self, messages, adapter=None, params: GenerationParams = GenerationParams(),
-                 prefix_messages: int = 0) -> str:
-        return "".join(self.stream(messages, adapter, params, prefix_messages=prefix_messages))
+                 prefix_messages: int = 0, reply_start: str = "") -> str:
+        return "".join(self.stream(messages, adapter, params, prefix_messages=prefix_messages, reply_start=reply_start))

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domainchat import safety
-from domainchat.chat import Assistant, Done
+from domainchat.chat import Assistant, Done, Sources
 from domainchat.domains import Domain
 from domainchat.engine import GenerationParams
 from domainchat.errors import BadInput
+from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer
+from domainchat.knowledge import Passage, bm25_tokens
 
 EVAL_FILE = "eval.jsonl"
+UNSEEN_DIR = "unseen"  # domains/<id>/unseen/: knowledge/ and eval.jsonl that no adapter was trained on
 # name -> (use_adapter, use_retrieval, use_few_shot); None = as served (prompts.few_shot_for)
 CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
     "base": (False, False, None),
@@ -33,8 +36,13 @@ CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
     "adapter+rag": (True, True, None),
 }
 SIDE_BY_SIDE = 5  # answers per domain in samples_<domain>.md
-CITATION = re.compile(r"\[\d+\]")
-EVAL_PARAMS = GenerationParams(max_new_tokens=160, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
+CITATION = re.compile(r"\[(\d+)\]")
+# Greedy, so runs compare; 128 tokens (~95 words) keeps a full eval of every answerable question
+# within reach of 2 CPU cores, and answers are meant to stay under ~120 words anyway.
+EVAL_PARAMS = GenerationParams(max_new_tokens=128, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
+# A sentence supports its citation [n] when its numbers are all in passage n and at least this
+# share of its content words are too.
+CITATION_WORD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,10 +56,11 @@ class EvalItem:
     expect_rule: str | None = None  # a risk question: the id of the rule it must trigger
 
 
-def load_eval(domain: Domain) -> list[EvalItem]:
-    """The domain's eval.jsonl; a malformed line is reported as file:line with the reason."""
+def load_eval(domain: Domain, path: Path | None = None) -> list[EvalItem]:
+    """The domain's eval.jsonl (or another file of eval lines); a malformed line is reported as
+    file:line with the reason."""
     assert domain.folder is not None
-    path = domain.folder / EVAL_FILE
+    path = path or domain.folder / EVAL_FILE
     if not path.is_file():
         raise BadInput(f"{path}: missing; `domainchat eval` needs an {EVAL_FILE} for domain '{domain.id}'.")
     items = []
@@ -75,6 +84,38 @@ def key_fact_recall(answer: str, facts: Sequence[str]) -> float:
         return 0.0
     lowered = answer.lower()
     return sum(fact.lower() in lowered for fact in facts) / len(facts)
+
+
+def cites_supported(sentence: str, passage: str) -> bool:
+    """Whether `passage` backs `sentence`: all of the sentence's numbers are in it, and at least
+    CITATION_WORD_SHARE of its content words."""
+    claim = CITATION.sub(" ", sentence)
+    if not set(numbers_in(claim)) <= set(numbers_in(passage)):
+        return False
+    words = {w for w in bm25_tokens(claim) if not NUMBER.fullmatch(w)}
+    return not words or len(words & set(bm25_tokens(passage))) >= CITATION_WORD_SHARE * len(words)
+
+
+def answer_metrics(answer: str, item: EvalItem, passages: Sequence[Passage], history: Sequence[str] = ()) -> dict:
+    """The per-answer measures: key facts in the answer, key facts in its passages (the ceiling),
+    numbers the answer states that its passages, question and history do not, and for every
+    citation [n] whether passage n backs the sentence that carries it."""
+    given = "\n".join(p.text for p in passages)
+    allowed = set(numbers_in(" ".join([given, item.question, *history])))
+    citations = supported = 0
+    for sentence in sentences_of_answer(answer):
+        for number in CITATION.findall(sentence):
+            citations += 1
+            n = int(number)
+            supported += 1 <= n <= len(passages) and cites_supported(sentence, passages[n - 1].text)
+    return {"recall": round(key_fact_recall(answer, item.key_facts), 3),
+            "oracle": round(key_fact_recall(given, item.key_facts), 3),
+            "unsupported_numbers": [n for n in numbers_in(answer) if n not in allowed],
+            "citations": citations, "citations_supported": supported, "words": len(answer.split())}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(statistics.mean(values), 3) if values else None
 
 
 def retrieval_metrics(assistant: Assistant, domain: Domain, items: Sequence[EvalItem]) -> dict:
@@ -110,24 +151,41 @@ def generation_metrics(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     use_adapter, use_retrieval, use_few_shot = CONFIGS[config]
-    recalls, samples, abstained, cited = [], [], 0, 0
+    samples, abstained, cited = [], 0, 0
     for item in items:
         if not item.answerable:
             continue
-        done = next(e for e in assistant.answer(domain.id, item.question, use_retrieval=use_retrieval,
-                                                use_adapter=use_adapter, use_few_shot=use_few_shot,
-                                                params=EVAL_PARAMS)
-                    if isinstance(e, Done))
+        passages: list[Passage] = []
+        done = None
+        for event in assistant.answer(domain.id, item.question, use_retrieval=use_retrieval, use_adapter=use_adapter,
+                                      use_few_shot=use_few_shot, params=EVAL_PARAMS):
+            if isinstance(event, Sources):
+                passages = event.passages
+            elif isinstance(event, Done):
+                done = event
+        assert done is not None
         abstained += done.abstained
         cited += bool(CITATION.search(done.answer))
-        recalls.append(key_fact_recall(done.answer, item.key_facts))
-        samples.append({"id": item.id, "question": item.question, "answer": done.answer,
-                        "recall": round(recalls[-1], 3), "adapter": done.adapter})
+        samples.append({"id": item.id, "question": item.question, "answer": done.answer, "adapter": done.adapter,
+                        "sources": [p.source for p in passages], **answer_metrics(done.answer, item, passages)})
         if progress:
-            progress(f"{domain.id} {config} {len(recalls)}")
-    return {"key_fact_recall": round(statistics.mean(recalls), 3) if recalls else None,
-            "citation_rate": round(cited / len(recalls), 3) if recalls else None,
-            "answered": len(recalls), "abstained": abstained, "samples": samples}
+            progress(f"{domain.id} {config} {len(samples)}")
+    return {**summary(samples), "abstained": abstained, "samples": samples}
+
+
+def summary(samples: Sequence[dict]) -> dict:
+    """Per-configuration means of the per-answer measures (answer_metrics)."""
+    if not samples:
+        return {"key_fact_recall": None, "answered": 0}
+    citations = sum(s["citations"] for s in samples)
+    return {"key_fact_recall": _mean([s["recall"] for s in samples]),
+            "oracle_ceiling": _mean([s["oracle"] for s in samples]),
+            "unsupported_numbers_per_answer": _mean([len(s["unsupported_numbers"]) for s in samples]),
+            "citation_rate": _mean([s["citations"] > 0 for s in samples]),
+            "citation_precision": round(sum(s["citations_supported"] for s in samples) / citations, 3) if citations else None,
+            "words_mean": _mean([s["words"] for s in samples]),
+            "words_max": max(s["words"] for s in samples),
+            "answered": len(samples)}
 
 
 def risk_metrics(domain: Domain, items: Sequence[EvalItem]) -> dict:
@@ -180,9 +238,129 @@ def check_ready(assistant: Assistant, domain_ids: Sequence[str], configs: Sequen
                            "--configs base,base+rag.")
 
 
+def _changed_number(number: str, taken: set[str]) -> str:
+    """A plausible different number of the same shape (30 -> 41, 6.99 -> 9.99, 1,000 -> 1,334) that
+    appears nowhere in `taken`."""
+    whole, dot, decimals = number.partition(".")
+    digits = whole.replace(",", "")
+    value = int(digits) + int(digits) // 3 + 1
+    while True:
+        text = str(value).zfill(len(digits))
+        if "," in whole:
+            text = f"{value:,}"
+        candidate = text + dot + decimals
+        if candidate not in taken:
+            return candidate
+        value += 1
+
+
+def counterfactual_numbers(items: Sequence[EvalItem], knowledge_texts: Sequence[str]) -> dict[str, str]:
+    """original -> changed, for every number stated in the answerable items' key facts; no changed
+    number occurs anywhere in the knowledge (so an answer that has it read it)."""
+    taken = {n for text in knowledge_texts for n in numbers_in(text)}
+    mapping: dict[str, str] = {}
+    for item in items:
+        for fact in item.key_facts:
+            for number in numbers_in(fact):
+                if number not in mapping:
+                    mapping[number] = _changed_number(number, taken | set(mapping.values()))
+    return mapping
+
+
+def apply_numbers(text: str, mapping: dict[str, str]) -> str:
+    """`text` with every whole number in `mapping` replaced (list markers at line starts kept)."""
+    def replace(match: re.Match[str]) -> str:
+        number = match.group()
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        if text[line_start:match.start()].strip() == "" and text[match.end():match.end() + 1] in (".", ")") \
+                and not text[match.end() + 1:match.end() + 2].isdigit():
+            return number  # a list marker
+        return mapping.get(number, number)
+    return NUMBER.sub(replace, text)
+
+
+def counterfactual_items(items: Sequence[EvalItem], mapping: dict[str, str]) -> list[EvalItem]:
+    """The answerable items whose key facts contain a changed number, with those facts changed."""
+    from dataclasses import replace
+
+    changed = []
+    for item in items:
+        if item.answerable and any(numbers_in(f) for f in item.key_facts):
+            changed.append(replace(item, key_facts=tuple(apply_numbers(f, mapping) for f in item.key_facts),
+                                   reference_answer=apply_numbers(item.reference_answer or "", mapping)))
+    return changed
+
+
+def _throwaway_assistant(assistant: Assistant, domain_id: str, folder: Path, home: Path) -> Assistant:
+    """The same engine over a fresh embedded store holding only `folder`'s documents for the domain."""
+    from domainchat.knowledge import KnowledgeStore
+
+    store = KnowledgeStore.open(home, None, getattr(assistant.knowledge, "embeddings", None))
+    report = store.ingest(domain_id, [folder], origin="eval")
+    if report.errors:
+        raise BadInput(f"{folder}: could not ingest {report.errors[0]}.")
+    return Assistant(assistant.settings, assistant.registry, assistant.engine, store)
+
+
+def counterfactual_metrics(assistant: Assistant, domain: Domain, items: Sequence[EvalItem], configs: Sequence[str],
+                           knowledge_dir: Path, progress: Callable[[str], None] | None = None) -> dict:
+    """Key-fact recall when the numbers of the key facts are changed consistently in every document
+    of the domain (and in the key facts), and how often an answer still gives the original figure
+    instead of the changed one ("memorized"): reading versus remembering."""
+    import tempfile
+
+    files = sorted(p for p in knowledge_dir.rglob("*") if p.is_file())
+    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
+    mapping = counterfactual_numbers(items, list(texts.values()))
+    changed = counterfactual_items(items, mapping)
+    originals = {i.id: i for i in items}
+    report: dict = {"changed_numbers": len(mapping), "questions": len(changed)}
+    with tempfile.TemporaryDirectory(prefix="domainchat-counterfactual-") as tmp:
+        copy = Path(tmp) / "knowledge"
+        for path, text in texts.items():
+            target = copy / path.relative_to(knowledge_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(apply_numbers(text, mapping), encoding="utf-8")
+        reader = _throwaway_assistant(assistant, domain.id, copy, Path(tmp) / "home")
+        for config in configs:
+            if not CONFIGS[config][1]:
+                continue  # without retrieval there is no document to follow
+            result = generation_metrics(reader, domain, changed, config, progress)
+            memorized = 0
+            for sample in result["samples"]:
+                answer = sample["answer"].lower()
+                before = [f.lower() for f in originals[sample["id"]].key_facts]
+                after = [f.lower() for f in next(i for i in changed if i.id == sample["id"]).key_facts]
+                memorized += any(b in answer and a not in answer for b, a in zip(before, after) if a != b)
+            result["memorized"] = round(memorized / len(result["samples"]), 3) if result["samples"] else None
+            report[config] = result
+    return report
+
+
+def unseen_metrics(assistant: Assistant, domain: Domain, configs: Sequence[str], limit: int | None,
+                   progress: Callable[[str], None] | None = None) -> dict | None:
+    """Key-fact recall on `domains/<id>/unseen/`: another organisation's documents and questions that
+    no adapter was trained on, ingested in place of the domain's own knowledge, as an adopter would."""
+    import tempfile
+
+    assert domain.folder is not None
+    folder = domain.folder / UNSEEN_DIR
+    if not (folder / EVAL_FILE).is_file():
+        return None
+    items = [i for i in load_eval(domain, folder / EVAL_FILE) if i.answerable][:limit]
+    report: dict = {"questions": len(items)}
+    with tempfile.TemporaryDirectory(prefix="domainchat-unseen-") as tmp:
+        reader = _throwaway_assistant(assistant, domain.id, folder / "knowledge", Path(tmp) / "home")
+        for config in configs:
+            if CONFIGS[config][1]:
+                report[config] = generation_metrics(reader, domain, items, config, progress)
+    return report
+
+
 def run_eval(
     assistant: Assistant, domain_ids: Sequence[str], configs: Sequence[str], limit: int | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, *, counterfactual: bool = False, unseen: bool = False,
+    perplexity: bool = True,
 ) -> dict:
     check_ready(assistant, domain_ids, configs)
     report: dict = {"base_model": assistant.engine.base_source if assistant.engine else None,
@@ -193,12 +371,22 @@ def run_eval(
         entry: dict = {"retrieval": retrieval_metrics(assistant, domain, items), "risk": risk_metrics(domain, items),
                        "generation": {}}
         answerable = [i for i in items if i.answerable][:limit] if limit else items
-        if assistant.adapter_for(domain)[0] is not None:
+        if not perplexity:
+            entry["perplexity"] = {"skipped": "--no-perplexity"}
+        elif assistant.adapter_for(domain)[0] is not None:
             entry["perplexity"] = perplexity_metrics(assistant, domain, answerable, progress)
         else:
             entry["perplexity"] = {"skipped": "no usable adapter"}
         for config in configs:
             entry["generation"][config] = generation_metrics(assistant, domain, answerable, config, progress)
+        if counterfactual:
+            entry["counterfactual"] = counterfactual_metrics(
+                assistant, domain, [i for i in answerable if i.answerable], configs,
+                assistant.settings.knowledge_dir / domain_id, progress)
+        if unseen:
+            found = unseen_metrics(assistant, domain, configs, limit, progress)
+            if found is not None:
+                entry["unseen"] = found
         report["domains"][domain_id] = entry
     return report
 
@@ -219,6 +407,28 @@ def markdown(report: dict) -> str:
             cells.append("–" if g.get("key_fact_recall") is None else f"{g['key_fact_recall']} / {g.get('citation_rate')}")
         lines.append(f"| {domain_id} | {r['hit_at_k']} | {r['mrr']} | {r['abstention_out_of_scope']} | "
                      f"{r['false_abstention']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def answers_markdown(report: dict) -> str:
+    """One row per domain, configuration and knowledge (its own, counterfactual, unseen): the
+    grounding measures of the generated answers."""
+    lines = ["| domain | knowledge | configuration | answers | key facts | ceiling (in passages) | of ceiling | "
+             "unsupported numbers / answer | citation precision | cited | words mean (max) | memorized |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for domain_id, entry in report["domains"].items():
+        suites = [("own", entry.get("generation", {})), ("counterfactual", entry.get("counterfactual", {})),
+                  ("unseen", entry.get("unseen", {}))]
+        for knowledge, results in suites:
+            for config, g in results.items():
+                if not isinstance(g, dict) or not g.get("answered"):
+                    continue
+                share = (round(g["key_fact_recall"] / g["oracle_ceiling"], 2) if g.get("oracle_ceiling") else "–")
+                lines.append(
+                    f"| {domain_id} | {knowledge} | {config} | {g['answered']} | {g['key_fact_recall']} | "
+                    f"{g.get('oracle_ceiling')} | {share} | {g.get('unsupported_numbers_per_answer')} | "
+                    f"{g.get('citation_precision')} | {g.get('citation_rate')} | {g.get('words_mean')} "
+                    f"({g.get('words_max')}) | {g.get('memorized', '–')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +472,8 @@ def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ti
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "eval.md").write_text("# domainchat eval\n\n" + markdown(report), encoding="utf-8")
+    (out_dir / "eval.md").write_text("# domainchat eval\n\n" + markdown(report) + "\n## Answers\n\n"
+                                     + answers_markdown(report), encoding="utf-8")
     written = [out_dir / "eval.json", out_dir / "eval.md"]
     domains = list(report["domains"])
     configs = sorted({c for d in report["domains"].values() for c in d["generation"]}, key=list(CONFIGS).index)

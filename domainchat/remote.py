@@ -102,13 +102,20 @@ class RemoteEngine:
     def answer_nll(self, messages: Sequence[Mapping[str, str]], answer: str, adapter: str | None = None) -> tuple[float, int]:
         raise ModelUnavailable("Perplexity needs the model's logits: run `domainchat eval` without DOMAINCHAT_LLM_URL.")
 
-    def _request(self, messages: Sequence[Mapping[str, str]], adapter: str | None, params: GenerationParams) -> dict:
-        body = {"model": self.model_name(adapter), "messages": [dict(m) for m in messages], "stream": True,
+    def _request(self, messages: Sequence[Mapping[str, str]], adapter: str | None, params: GenerationParams,
+                 reply_start: str = "") -> dict:
+        messages = [dict(m) for m in messages]
+        body: dict = {"model": self.model_name(adapter), "messages": messages, "stream": True,
                 "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
                 # not OpenAI's, but vLLM, TGI and domainchat accept it; OpenAI's frequency_penalty differs
                 "repetition_penalty": params.repetition_penalty}
         if params.seed is not None:
             body["seed"] = params.seed
+        if reply_start:
+            # vLLM's (and domainchat's) way to have the model continue a started reply; the number
+            # guard (params.allowed_numbers) has no counterpart on such servers and is not sent.
+            messages.append({"role": "assistant", "content": reply_start})
+            body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
     def _failure(self, status: int, detail: str, model: str) -> Exception:
@@ -134,12 +141,13 @@ class RemoteEngine:
         params: GenerationParams | None = None,
         cancel: threading.Event | None = None,
         prefix_messages: int = 0,  # the server caches prefixes itself (vLLM automatic prefix caching)
+        reply_start: str = "",
     ) -> Iterator[str]:
         """Yield the server's reply to `messages` piece by piece; closing the iterator or setting
         `cancel` closes the connection, which stops the server's generation too."""
         if not self.available(adapter):
             raise BadInput(f"Adapter '{adapter}' cannot be used: {self.adapters[adapter].reason if adapter in self.adapters else 'unknown'}.")
-        body = self._request(messages, adapter, params or GenerationParams())
+        body = self._request(messages, adapter, params or GenerationParams(), reply_start)
         try:
             with self._client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -168,8 +176,8 @@ class RemoteEngine:
             raise ModelUnavailable(f"The generation server at {self.url} sent a malformed stream.") from None
 
     def complete(self, messages, adapter=None, params: GenerationParams | None = None,
-                 prefix_messages: int = 0) -> str:
-        return "".join(self.stream(messages, adapter, params, prefix_messages=prefix_messages))
+                 prefix_messages: int = 0, reply_start: str = "") -> str:
+        return "".join(self.stream(messages, adapter, params, prefix_messages=prefix_messages, reply_start=reply_start))
 
 
 def _error_detail(body: bytes) -> str:

@@ -20,6 +20,7 @@ class RecordingEngine:
     def __init__(self, adapters: dict[str, AdapterStatus] | None = None) -> None:
         self.adapters = adapters or {}
         self.calls: list[tuple[list[dict], str | None]] = []
+        self.starts: list[tuple[str, object]] = []
 
     def available(self, name: str | None) -> bool:
         return name is None or (name in self.adapters and self.adapters[name].loaded)
@@ -27,8 +28,9 @@ class RecordingEngine:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def stream(self, messages, adapter=None, params=None, cancel=None, prefix_messages=0):
+    def stream(self, messages, adapter=None, params=None, cancel=None, prefix_messages=0, reply_start=""):
         self.calls.append((list(messages), adapter))
+        self.starts.append((reply_start, params))
         yield from ["An ", "answer ", "[1]."]
 
     def answer_nll(self, messages, answer, adapter=None) -> tuple[float, int]:
@@ -55,11 +57,16 @@ def run(assistant: Assistant, *args, **kwargs) -> list:
 def test_grounded_answer_events(assistant: Assistant) -> None:
     events = run(assistant, "finance", "What is the Roth IRA limit?")
     kinds = [type(e).__name__ for e in events]
-    assert kinds == ["Sources", "Token", "Token", "Token", "Notice", "Done"]
+    assert kinds == ["Sources", "Token", "Token", "Token", "Token", "Notice", "Done"]
     sources = events[0].passages
     assert sources[0].source == "ira.md" and sources[0].score >= 0.3
+    opening = "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1].\n"
+    assert events[1].text == opening, "the answer opens with the passage sentence nearest the question"
     done = events[-1]
-    assert done.answer == "An answer [1]." and done.adapter == "finance" and not done.abstained
+    assert done.answer == opening + "An answer [1]." and done.adapter == "finance" and not done.abstained
+    reply_start, params = assistant.engine.starts[0]
+    assert reply_start == opening and params.allowed_numbers == {"2025", "7,000"}
+    assert done.timing["tokens"] == 3, "speed counts generated tokens, not the quoted opening"
     assert events[-2].kind == "disclaimer"
     messages, adapter = assistant.engine.calls[0]
     assert adapter == "finance" and "$7,000" in messages[-1]["content"] and "[1]" in messages[-1]["content"]
@@ -130,7 +137,7 @@ def test_an_answer_that_repeats_the_system_prompt_is_stopped(assistant: Assistan
     words = assistant.registry.get("finance").system_prompt.split()
     assistant.engine.stream = lambda *args, **kwargs: iter(["Sure. "] + [w + " " for w in words])
     events = run(assistant, "finance", "What is the Roth IRA limit?")
-    said = "".join(e.text for e in events if isinstance(e, Token))
+    said = "".join(e.text for e in events[2:] if isinstance(e, Token))  # after the evidence opening
     assert len(said.split()) < 9, "stopped as soon as eight words of the prompt appeared"
     assert [e.kind for e in events if isinstance(e, Notice)][0] == "risk"
     assert events[-1].answer == WITHHELD_ANSWER
@@ -162,3 +169,19 @@ def test_remote_generation_loads_no_model(store, tmp_path: Path) -> None:
     settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_LLM_URL": "http://127.0.0.1:9"})
     assistant = Assistant.start(settings, knowledge=store)
     assert isinstance(assistant.engine, RemoteEngine) and set(assistant.engine.adapters) == set(assistant.registry.domains)
+
+
+def test_grounding_levers_can_be_turned_off(assistant: Assistant) -> None:
+    from domainchat.domains import GroundingSettings
+
+    events = run(assistant, "finance", "What is the Roth IRA limit?",
+                 grounding_settings=GroundingSettings(evidence_sentences=0, number_guard=False))
+    assert events[-1].answer == "An answer [1]."
+    assert assistant.engine.starts[0] == ("", assistant.engine.starts[0][1])
+    assert assistant.engine.starts[0][1].allowed_numbers is None
+
+
+def test_no_retrieval_means_no_grounding(assistant: Assistant) -> None:
+    run(assistant, "finance", "What is the Roth IRA limit?", use_retrieval=False)
+    reply_start, params = assistant.engine.starts[0]
+    assert reply_start == "" and params.allowed_numbers is None

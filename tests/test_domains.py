@@ -141,3 +141,14 @@ def test_a_fifth_vertical_needs_only_a_folder(tmp_path: Path, domains_dir: Path)
 def test_missing_domains_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="DOMAINCHAT_DOMAINS_DIR"):
         load_registry(tmp_path / "absent")
+
+
+def test_grounding_settings_are_validated(tmp_path: Path) -> None:
+    assert load_domain(write_domain(tmp_path, "plain")).grounding.evidence_sentences == 3
+    folder = write_domain(tmp_path, "demo", grounding={"evidence_sentences": 0, "number_guard": False})
+    grounding = load_domain(folder).grounding
+    assert grounding.evidence_sentences == 0 and not grounding.number_guard
+    with pytest.raises(ConfigError, match=r"'grounding.number_guard' must be true or false"):
+        load_domain(write_domain(tmp_path / "x", "demo", grounding={"number_guard": "yes"}))
+    with pytest.raises(ConfigError, match=r"'grounding.evidence_sentences' is 9"):
+        load_domain(write_domain(tmp_path / "y", "demo", grounding={"evidence_sentences": 9}))

@@ -102,3 +102,53 @@ def test_eval_refuses_to_measure_what_is_missing(domain_assistant) -> None:
     empty = Assistant(domain_assistant.settings, domain_assistant.registry, domain_assistant.engine, EmptyKnowledge())
     with pytest.raises(BadInput, match=r"knowledge base of 'finance' is empty.*domainchat ingest --domain finance"):
         check_ready(empty, ["finance"], ["base"])
+
+
+def test_answer_metrics_measure_grounding() -> None:
+    from domainchat.evaluate import EvalItem, answer_metrics
+    from domainchat.knowledge import Passage
+
+    passages = [Passage("a.md:0:x", "a.md", "A", 0.9, "Returns are accepted within 38 days of delivery."),
+                Passage("b.md:0:y", "b.md", "B", 0.8, "Standard shipping costs $7.45 below $75.")]
+    item = EvalItem(id="q", question="How long do I have to return boots?", answerable=True,
+                    key_facts=("38 days", "original box"))
+    answer = ("Returns are accepted within 38 days of delivery [1]. Shipping is $7.45 [1].\n"
+              "A 15% fee may apply [2].")
+    m = answer_metrics(answer, item, passages)
+    assert m["recall"] == 0.5 and m["oracle"] == 0.5
+    assert m["unsupported_numbers"] == ["15"]
+    # [1] backs the first sentence; the second cites [1] for a number only [2] has; [2] lacks the third's 15
+    assert (m["citations"], m["citations_supported"]) == (3, 1)
+    assert m["words"] == len(answer.split())
+
+
+def test_counterfactual_changes_numbers_consistently() -> None:
+    from domainchat.evaluate import EvalItem, apply_numbers, counterfactual_items, counterfactual_numbers
+
+    items = [EvalItem(id="a", question="q", answerable=True, key_facts=("30 days", "$6.99")),
+             EvalItem(id="b", question="q", answerable=True, key_facts=("original packaging",)),
+             EvalItem(id="c", question="q", answerable=False)]
+    knowledge = ["1. Return within 30 days.\n2. The label costs $6.99; 41 people asked.", "Ship within 30 days."]
+    mapping = counterfactual_numbers(items, knowledge)
+    assert set(mapping) == {"30", "6.99"} and mapping["30"] != "41", "a changed number is new to the knowledge"
+    changed = [apply_numbers(text, mapping) for text in knowledge]
+    assert changed[0].startswith("1. Return within ") and "30" not in changed[0] + changed[1]
+    assert f"${mapping['6.99']}" in changed[0] and f"within {mapping['30']} days" in changed[1]
+    [item] = counterfactual_items(items, mapping)
+    assert item.id == "a" and item.key_facts == (f"{mapping['30']} days", f"${mapping['6.99']}")
+
+
+def test_unseen_company_eval_is_valid(domains_dir: Path) -> None:
+    """customer_service's unseen/ set: another company's documents, none of its key facts in the
+    shipped knowledge or training data (so an answer that has them read them)."""
+    registry = load_registry(domains_dir)
+    domain = registry.get("customer_service")
+    folder = domains_dir / "customer_service" / "unseen"
+    items = load_eval(domain, folder / "eval.jsonl")
+    assert len(items) >= 25 and all(i.answerable for i in items)
+    shipped = "\n".join(p.read_text(encoding="utf-8") for p in (domains_dir.parent / "knowledge" / "customer_service").glob("*.md"))
+    training = (domains_dir / "customer_service" / "train.jsonl").read_text(encoding="utf-8")
+    for item in items:
+        text = (folder / "knowledge" / item.source).read_text(encoding="utf-8").lower()
+        assert item.key_facts and all(f.lower() in text for f in item.key_facts), item.id
+        assert not any(f.lower() in shipped.lower() or f.lower() in training.lower() for f in item.key_facts), item.id

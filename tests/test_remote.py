@@ -8,6 +8,7 @@ from conftest import free_port
 
 from domainchat import prompts
 from domainchat.chat import Assistant, Done, Notice
+from domainchat.domains import GroundingSettings
 from domainchat.engine import GenerationParams
 from domainchat.errors import ModelUnavailable
 from domainchat.remote import RemoteEngine, api_root
@@ -34,15 +35,19 @@ def front(domain_assistant: Assistant, api_url: str) -> Assistant:
 def test_front_gives_the_local_engines_greedy_answers(front: Assistant, domain_assistant: Assistant,
                                                       domain_id: str) -> None:
     question, params = QUESTIONS[domain_id], greedy(front, domain_id)
+    # The evidence opening travels to the server (continue_final_message); the number guard does not.
+    unguarded = GroundingSettings(evidence_sentences=2, number_guard=False)
     for use_adapter in (True, False):
-        done = next(e for e in front.answer(domain_id, question, use_adapter=use_adapter, params=params)
-                    if isinstance(e, Done))
+        done = next(e for e in front.answer(domain_id, question, use_adapter=use_adapter, params=params,
+                                            grounding_settings=unguarded) if isinstance(e, Done))
         adapter = domain_id if use_adapter else None
         domain = front.registry.get(domain_id)
-        rendered = domain_assistant.render(domain, question, (), domain_assistant.retrieve(domain, question),
+        passages = domain_assistant.retrieve(domain, question)
+        rendered = domain_assistant.render(domain, question, (), passages,
                                            prompts.few_shot_for(with_adapter=use_adapter), params.max_new_tokens)
-        local = domain_assistant.engine.complete(rendered.messages, adapter, params).strip()
-        assert done.adapter == adapter and local and done.answer == local
+        start, local_params = domain_assistant.ground(question, (), rendered.passages, params, unguarded)
+        local = domain_assistant.engine.complete(rendered.messages, adapter, local_params, reply_start=start)
+        assert start and done.adapter == adapter and local.strip() and done.answer == (start + local).strip()
 
 
 @pytest.mark.model
@@ -72,3 +77,12 @@ def test_remote_settings() -> None:
 
     with pytest.raises(ConfigError, match="DOMAINCHAT_LLM_ADAPTER_NAME"):
         load_settings({"DOMAINCHAT_HOME": "/tmp/x", "DOMAINCHAT_LLM_ADAPTER_NAME": "lora-{domain}"})
+
+
+def test_a_reply_start_is_sent_as_a_final_message_to_continue() -> None:
+    engine = RemoteEngine("http://gpu:8000/v1", ["finance"])
+    body = engine._request([{"role": "user", "content": "q"}], "finance", GenerationParams(), "The fee is 12% [1].\n")
+    assert body["messages"][-1] == {"role": "assistant", "content": "The fee is 12% [1].\n"}
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    plain = engine._request([{"role": "user", "content": "q"}], "finance", GenerationParams())
+    assert "continue_final_message" not in plain and len(plain["messages"]) == 1

@@ -1,0 +1,167 @@
+"""Grounding: which sentences of the retrieved passages answer the question, and which numbers an
+answer may state.
+
+A 135M model asked to answer from four whole passages often ignores them (it repeats figures it
+learned in training). This module picks the one or two sentences nearest the question (lexical
+overlap weighted by rarity, plus embedding cosine when an embedder is given) so that the answer can
+open with them, quoted with their [n]; and it lists the numbers that the passages, the question and
+the conversation contain, which the engine's number guard and the eval's "unsupported numbers" use.
+
+It works on text only: it knows nothing of models, stores or domains (it is handed passages and,
+optionally, a function that embeds texts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from domainchat.knowledge import Passage, bm25_tokens
+
+Embed = Callable[[list[str]], list[list[float]]]
+
+# A number as written in prose: 30, 6.99, 1,000, 2026. Digits glued to letters (a model name such
+# as "A7") still count: a wrong model number is as wrong as a wrong price.
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+CITATION = re.compile(r"\[(\d+)\]")
+LIST_MARKER = re.compile(r"^\s*\d{1,2}[.)]\s", re.MULTILINE)
+# Sentence ends: . ! ? followed by a space and an upper-case letter, a digit, a quote or a
+# parenthesis (not "[": a citation after the full stop belongs to the sentence before it).
+# Abbreviations that end in a full stop do not end a sentence ("before 1 p.m. Pacific Time").
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<![ap]\.m\.)(?<!e\.g\.)(?<!i\.e\.)(?<!U\.S\.)(?<!\bvs\.)(?<!\b[DM]r\.)"
+                           r"(?<!\bNo\.)(?<!\bSt\.)[\"”']?\s+(?=[A-Z0-9\"“(])")
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
+MIN_SENTENCE_WORDS = 4
+# How a sentence's score mixes its words' overlap with the question and its embedding's cosine, plus
+# a bonus of RANK_BONUS / rank for the passage it comes from. Chosen on the four domains' eval sets
+# (key facts found in the chosen sentences, `domainchat eval`'s evidence recall).
+LEXICAL_WEIGHT = 0.5
+SEMANTIC_WEIGHT = 0.5
+RANK_BONUS = 0.15
+NUMBER_BONUS = 0.1
+_ASKS_FOR_NUMBER = re.compile(r"\b(how (much|many|long|soon|often|old|big|high|low|far|late|early)|what time|when|"
+                              r"what (is|are) the (limit|fee|cost|price|rate|minimum|maximum|deadline)|percent|age)\b",
+                              re.IGNORECASE)
+NEAR_DUPLICATE = 0.7  # share of a sentence's content words already in a chosen sentence
+
+
+@dataclass(frozen=True)
+class Evidence:
+    number: int  # the passage's citation number, 1-based
+    text: str  # one sentence of that passage, as written there
+    score: float
+
+
+def numbers_in(text: str) -> list[str]:
+    """The numbers stated in `text`, in order: citation markers ([2]) and list markers at the start of
+    a line ("1. ") are structure, not statements, and are left out."""
+    text = CITATION.sub(" ", text)
+    text = LIST_MARKER.sub(" ", text)
+    return [m.group().rstrip(".,") for m in NUMBER.finditer(text)]
+
+
+def allowed_numbers(texts: Iterable[str]) -> frozenset[str]:
+    """Every number stated in `texts` (passages, question, history): what an answer may repeat."""
+    return frozenset(n for text in texts for n in numbers_in(text))
+
+
+def unsupported_numbers(answer: str, sources: Iterable[str]) -> list[str]:
+    """Numbers in `answer` that appear in none of `sources`."""
+    allowed = allowed_numbers(sources)
+    return [n for n in numbers_in(answer) if n not in allowed]
+
+
+def _is_heading(line: str, first: bool) -> bool:
+    """A heading line of a chunk (a chunk starts with its "Title > Section" path; Markdown headings
+    start with #): no final punctuation, and short, first in the chunk or a path. Headings are
+    context for scoring, never quoted as evidence."""
+    stripped = line.strip().lstrip("#").strip()
+    if not stripped or stripped.endswith((".", "!", "?", ":", ";", '"', ")")):
+        return False
+    return line.lstrip().startswith("#") or " > " in stripped or first or len(stripped.split()) < 14
+
+
+def sentences(text: str) -> tuple[str, list[str]]:
+    """(heading context, sentences) of one passage. List items are sentences of their own."""
+    heading, found = [], []
+    for index, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        if _is_heading(line, first=index == 0) and not _BULLET.match(line):
+            heading.append(line.strip().lstrip("#").strip())
+            continue
+        body = _BULLET.sub("", line).strip()
+        for sentence in _SENTENCE_END.split(body):
+            sentence = sentence.strip()
+            # A lead-in to a list ("It covers:") states nothing by itself.
+            if len(sentence.split()) >= MIN_SENTENCE_WORDS and not sentence.endswith(":"):
+                found.append(sentence)
+    return " ".join(heading), found
+
+
+def sentences_of_answer(answer: str) -> list[str]:
+    """An answer's sentences, line by line (a numbered step is a sentence of its own)."""
+    return [s.strip() for line in answer.splitlines() for s in _SENTENCE_END.split(_BULLET.sub("", line))
+            if s.strip()]
+
+
+def select_evidence(
+    question: str, passages: Sequence[Passage], embed: Embed | None = None, count: int = 3,
+) -> list[Evidence]:
+    """The `count` sentences of `passages` that best answer `question`, best first.
+
+    A sentence's score is its share of the question's content words, each weighted by its rarity
+    among all candidate sentences (idf), with the passage heading's words counting half (a
+    section's subject often lives only in its heading), plus, when `embed` is given, the cosine
+    similarity of sentence and question; a small bonus follows the passage's retrieval rank."""
+    candidates: list[tuple[int, str, str]] = []  # (passage number, heading, sentence)
+    for number, passage in enumerate(passages, start=1):
+        heading, found = sentences(passage.text)
+        candidates += [(number, heading, s) for s in found]
+    if not candidates:
+        return []
+    terms = set(bm25_tokens(question))
+    token_sets = [set(bm25_tokens(s)) for _, _, s in candidates]
+    heading_sets = [set(bm25_tokens(h)) for _, h, _ in candidates]
+    total = len(candidates)
+    idf = {t: math.log(1 + (total + 0.5) / (sum(t in s for s in token_sets) + 0.5)) for t in terms}
+    weight = sum(idf.values()) or 1.0
+    lexical = [sum(idf[t] * (1.0 if t in s else 0.5 if t in h else 0.0) for t in terms) / weight
+               for s, h in zip(token_sets, heading_sets)]
+    semantic = [0.0] * total
+    if embed is not None:
+        vectors = embed([question] + [s for _, _, s in candidates])
+        query = vectors[0]
+        semantic = [sum(a * b for a, b in zip(query, v)) for v in vectors[1:]]
+    # A question after an amount, a time or a limit is answered by a sentence that states a number.
+    wants_number = bool(_ASKS_FOR_NUMBER.search(question))
+    ranked = sorted(
+        (Evidence(number, sentence, round(LEXICAL_WEIGHT * lex + SEMANTIC_WEIGHT * sem + RANK_BONUS / number
+                                          + (NUMBER_BONUS if wants_number and NUMBER.search(sentence) else 0.0), 4))
+         for (number, _, sentence), lex, sem in zip(candidates, lexical, semantic)),
+        key=lambda e: e.score, reverse=True)
+    chosen: list[Evidence] = []
+    for evidence in ranked:
+        words = set(bm25_tokens(evidence.text))
+        # Two passages often say the same thing; quoting it twice tells the reader nothing more.
+        if all(len(words & set(bm25_tokens(c.text))) < NEAR_DUPLICATE * len(words) for c in chosen):
+            chosen.append(evidence)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+
+def opening(evidence: Sequence[Evidence]) -> str:
+    """The first line of an answer: the evidence sentences, best first, each cited with its [n]
+    before its final full stop; the model continues on the next line."""
+    cited = []
+    for e in evidence:
+        text = e.text.rstrip()
+        if text.endswith((".", "!", "?")) and not text.endswith(('."', '.”')):
+            cited.append(f"{text[:-1]} [{e.number}]{text[-1]}")
+        else:
+            cited.append(f"{text} [{e.number}]")
+    return " ".join(cited) + "\n" if cited else ""
