@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="out/eval")
     evaluation.add_argument("--json", action="store_true")
     evaluation.add_argument("--configs", default="base,base+rag,adapter,adapter+rag",
-                            help="comma-separated: base, base+rag, adapter, adapter+rag")
+                            help="comma-separated: base, base+rag, base+rag-no-fewshot, adapter, "
+                                 "adapter+rag-ungrounded (no evidence opening, no number guard), adapter+rag")
     evaluation.add_argument("--limit", type=int, help="at most this many answerable questions per domain")
     evaluation.add_argument("--no-perplexity", action="store_true",
                             help="skip the perplexity of the reference answers (minutes per domain on a CPU)")

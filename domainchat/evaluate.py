@@ -19,7 +19,7 @@ from pathlib import Path
 
 from domainchat import safety
 from domainchat.chat import Assistant, Done, Sources
-from domainchat.domains import Domain
+from domainchat.domains import Domain, GroundingSettings
 from domainchat.engine import GenerationParams
 from domainchat.errors import BadInput
 from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer
@@ -27,14 +27,17 @@ from domainchat.knowledge import Passage, bm25_tokens
 
 EVAL_FILE = "eval.jsonl"
 UNSEEN_DIR = "unseen"  # domains/<id>/unseen/: knowledge/ and eval.jsonl that no adapter was trained on
-# name -> (use_adapter, use_retrieval, use_few_shot); None = as served (prompts.few_shot_for)
-CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
-    "base": (False, False, None),
-    "base+rag": (False, True, None),
-    "base+rag-no-fewshot": (False, True, False),
-    "adapter": (True, False, None),
-    "adapter+rag": (True, True, None),
+# name -> (use_adapter, use_retrieval, use_few_shot, grounded); few-shot None = as served
+# (prompts.few_shot_for); grounded False turns off the evidence opening and the number guard.
+CONFIGS: dict[str, tuple[bool, bool, bool | None, bool]] = {
+    "base": (False, False, None, True),
+    "base+rag": (False, True, None, True),
+    "base+rag-no-fewshot": (False, True, False, True),
+    "adapter": (True, False, None, True),
+    "adapter+rag-ungrounded": (True, True, None, False),
+    "adapter+rag": (True, True, None, True),
 }
+UNGROUNDED = GroundingSettings(evidence_sentences=0, number_guard=False)
 SIDE_BY_SIDE = 5  # answers per domain in samples_<domain>.md
 CITATION = re.compile(r"\[(\d+)\]")
 # Greedy, so runs compare; 128 tokens (~95 words) keeps a full eval of every answerable question
@@ -150,7 +153,7 @@ def generation_metrics(
     assistant: Assistant, domain: Domain, items: Sequence[EvalItem], config: str,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    use_adapter, use_retrieval, use_few_shot = CONFIGS[config]
+    use_adapter, use_retrieval, use_few_shot, grounded = CONFIGS[config]
     samples, abstained, cited = [], 0, 0
     for item in items:
         if not item.answerable:
@@ -158,7 +161,8 @@ def generation_metrics(
         passages: list[Passage] = []
         done = None
         for event in assistant.answer(domain.id, item.question, use_retrieval=use_retrieval, use_adapter=use_adapter,
-                                      use_few_shot=use_few_shot, params=EVAL_PARAMS):
+                                      use_few_shot=use_few_shot, params=EVAL_PARAMS,
+                                      grounding_settings=None if grounded else UNGROUNDED):
             if isinstance(event, Sources):
                 passages = event.passages
             elif isinstance(event, Done):
@@ -291,6 +295,16 @@ def counterfactual_items(items: Sequence[EvalItem], mapping: dict[str, str]) -> 
     return changed
 
 
+def memorized_rate(samples: Sequence[dict], originals: dict[str, EvalItem], changed: dict[str, EvalItem]) -> float | None:
+    """The share of answers that give a key fact's original figure without its changed one."""
+    memorized = 0
+    for sample in samples:
+        answer = sample["answer"].lower()
+        pairs = zip(originals[sample["id"]].key_facts, changed[sample["id"]].key_facts)
+        memorized += any(b.lower() in answer and a.lower() not in answer for b, a in pairs if a != b)
+    return round(memorized / len(samples), 3) if samples else None
+
+
 def _throwaway_assistant(assistant: Assistant, domain_id: str, folder: Path, home: Path) -> Assistant:
     """The same engine over a fresh embedded store holding only `folder`'s documents for the domain."""
     from domainchat.knowledge import KnowledgeStore
@@ -326,13 +340,7 @@ def counterfactual_metrics(assistant: Assistant, domain: Domain, items: Sequence
             if not CONFIGS[config][1]:
                 continue  # without retrieval there is no document to follow
             result = generation_metrics(reader, domain, changed, config, progress)
-            memorized = 0
-            for sample in result["samples"]:
-                answer = sample["answer"].lower()
-                before = [f.lower() for f in originals[sample["id"]].key_facts]
-                after = [f.lower() for f in next(i for i in changed if i.id == sample["id"]).key_facts]
-                memorized += any(b in answer and a not in answer for b, a in zip(before, after) if a != b)
-            result["memorized"] = round(memorized / len(result["samples"]), 3) if result["samples"] else None
+            result["memorized"] = memorized_rate(result["samples"], originals, {i.id: i for i in changed})
             report[config] = result
     return report
 
@@ -482,7 +490,7 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
         written.append(_bar_chart(out_dir / "key_facts.png", domains, series,
                                   "Key facts in generated answers, per configuration", "key-fact recall"))
     for domain_id in domains:
-        text = side_by_side(report, domain_id)
+        text = side_by_side(report, domain_id, left="adapter+rag-ungrounded") or side_by_side(report, domain_id)
         if text:
             (out_dir / f"samples_{domain_id}.md").write_text(text, encoding="utf-8")
             written.append(out_dir / f"samples_{domain_id}.md")
