@@ -12,6 +12,10 @@ rows of one batch, each row with its own adapter. Otherwise transformers + peft 
 active adapter is process-wide state, so every forward step takes one lock and routes to the adapter
 its request asked for; requests may interleave token by token and still each get their own adapter.
 
+Both paths honour the same two grounding hooks: a `reply_start` the model continues (it is
+appended to the prompt, not yielded again) and `GenerationParams.allowed_numbers`, which the number
+guard (number_guard.py) turns into a per-step mask before sampling.
+
 The engine knows nothing about domains, prompts or retrieval: it is given messages, an adapter
 name and sampling parameters, and yields text.
 """
