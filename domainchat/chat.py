@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from domainchat.remote import RemoteEngine
 from domainchat.settings import Settings
 
 WITHHELD_ANSWER = "I can't share my instructions. Please ask a question about this topic."
+SENTENCE_EMBEDDINGS_KEPT = 20_000  # ~30 MB of MiniLM vectors: the sentences of recently cited passages
 MIN_CONTINUATION_TOKENS = 32  # what the model may add after an evidence opening, at the least
 PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
 
@@ -84,6 +86,8 @@ class Assistant:
         self.registry = registry
         self.engine = engine
         self.knowledge = knowledge
+        self._sentence_vectors: OrderedDict[str, list[float]] = OrderedDict()
+        self._sentence_lock = threading.Lock()
 
     @classmethod
     def start(cls, settings: Settings, knowledge: KnowledgeBase | None = None) -> Assistant:
@@ -153,6 +157,24 @@ class Assistant:
         return prompts.render(domain, question, history, passages, count_tokens=self.engine.count_tokens,
                               budget=budget, with_few_shot=use_few_shot)
 
+    def _embed_sentences(self, texts: list[str]) -> list[list[float]]:
+        """MiniLM vectors of `texts`, remembered: the same passages are cited again and again, and
+        embedding their ~17 sentences costs a quarter to half a second on 2 CPU cores."""
+        embeddings = getattr(self.knowledge, "embeddings", None)
+        assert embeddings is not None
+        with self._sentence_lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._sentence_vectors]
+        computed = dict(zip(missing, embeddings.embed_documents(missing))) if missing else {}
+        with self._sentence_lock:
+            self._sentence_vectors.update(computed)
+            vectors = [computed.get(t) or self._sentence_vectors[t] for t in texts]
+            for t in texts:
+                if t in self._sentence_vectors:
+                    self._sentence_vectors.move_to_end(t)
+            while len(self._sentence_vectors) > SENTENCE_EMBEDDINGS_KEPT:
+                self._sentence_vectors.popitem(last=False)
+        return vectors
+
     def ground(self, question: str, history: Sequence[tuple[str, str]], passages: list[Passage] | None,
                params: GenerationParams, settings: GroundingSettings) -> tuple[str, GenerationParams]:
         """(the text the answer opens with, the parameters with the number guard's allowed list):
@@ -161,9 +183,8 @@ class Assistant:
             return "", params
         reply_start = ""
         if settings.evidence_sentences:
-            embeddings = getattr(self.knowledge, "embeddings", None)
-            evidence = grounding.select_evidence(question, passages, embeddings.embed_documents if embeddings else None,
-                                                 settings.evidence_sentences)
+            embed = self._embed_sentences if getattr(self.knowledge, "embeddings", None) is not None else None
+            evidence = grounding.select_evidence(question, passages, embed, settings.evidence_sentences)
             reply_start = grounding.opening(evidence)
             # The opening counts against the answer's length, so answers stay as short as before.
             params = replace(params, max_new_tokens=max(MIN_CONTINUATION_TOKENS,

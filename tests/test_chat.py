@@ -185,3 +185,19 @@ def test_no_retrieval_means_no_grounding(assistant: Assistant) -> None:
     run(assistant, "finance", "What is the Roth IRA limit?", use_retrieval=False)
     reply_start, params = assistant.engine.starts[0]
     assert reply_start == "" and params.allowed_numbers is None
+
+
+def test_sentence_embeddings_are_remembered(assistant: Assistant, monkeypatch: pytest.MonkeyPatch) -> None:
+    embedded: list[str] = []
+    real = assistant.knowledge.embeddings.embed_documents
+
+    def counting(texts: list[str]) -> list[list[float]]:
+        embedded.extend(texts)
+        return real(texts)
+
+    monkeypatch.setattr(assistant.knowledge.embeddings, "embed_documents", counting)
+    first = run(assistant, "finance", "What is the Roth IRA limit?")
+    count = len(embedded)
+    second = run(assistant, "finance", "What is the Roth IRA limit?")
+    assert count >= 2 and len(embedded) == count, "the second answer embeds nothing again"
+    assert first[1] == second[1], "and opens with the same evidence"
