@@ -35,8 +35,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])(?<![ap]\.m\.)(?<!e\.g\.)(?<!i\.e\.)(?<!U
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
 MIN_SENTENCE_WORDS = 4
 # How a sentence's score mixes its words' overlap with the question and its embedding's cosine, plus
-# a bonus of RANK_BONUS / rank for the passage it comes from. Chosen on the four domains' eval sets
-# (key facts found in the chosen sentences, `domainchat eval`'s evidence recall).
+# a bonus of RANK_BONUS / rank for the passage it comes from, plus NUMBER_BONUS for a sentence with a
+# number when the question asks for one. Chosen on the four domains' 179 answerable eval questions
+# by the share of key facts found in the 2-3 chosen sentences (0.45-0.51 -> 0.51-0.61 for two).
 LEXICAL_WEIGHT = 0.5
 SEMANTIC_WEIGHT = 0.5
 RANK_BONUS = 0.15
