@@ -61,8 +61,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's and TGI's extension
     # vLLM's extension: the last message is the assistant's reply so far, to be continued (raw models)
-    continue_final_message: bool = False
-    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # (its companion add_generation_prompt=false is implied)
     user: str | None = None
 
 

@@ -22,7 +22,7 @@ from domainchat.chat import Assistant, Done, Sources
 from domainchat.domains import Domain, GroundingSettings
 from domainchat.engine import GenerationParams
 from domainchat.errors import BadInput
-from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer
+from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer, unsupported_numbers
 from domainchat.knowledge import Passage, bm25_tokens
 
 EVAL_FILE = "eval.jsonl"
@@ -104,7 +104,6 @@ def answer_metrics(answer: str, item: EvalItem, passages: Sequence[Passage], his
     numbers the answer states that its passages, question and history do not, and for every
     citation [n] whether passage n backs the sentence that carries it."""
     given = "\n".join(p.text for p in passages)
-    allowed = set(numbers_in(" ".join([given, item.question, *history])))
     citations = supported = 0
     for sentence in sentences_of_answer(answer):
         for number in CITATION.findall(sentence):
@@ -113,7 +112,7 @@ def answer_metrics(answer: str, item: EvalItem, passages: Sequence[Passage], his
             supported += 1 <= n <= len(passages) and cites_supported(sentence, passages[n - 1].text)
     return {"recall": round(key_fact_recall(answer, item.key_facts), 3),
             "oracle": round(key_fact_recall(given, item.key_facts), 3),
-            "unsupported_numbers": [n for n in numbers_in(answer) if n not in allowed],
+            "unsupported_numbers": unsupported_numbers(answer, [given, item.question, *history]),
             "citations": citations, "citations_supported": supported, "words": len(answer.split())}
 
 
@@ -154,7 +153,7 @@ def generation_metrics(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     use_adapter, use_retrieval, use_few_shot, grounded = CONFIGS[config]
-    samples, abstained, cited = [], 0, 0
+    samples, abstained = [], 0
     for item in items:
         if not item.answerable:
             continue
@@ -169,7 +168,6 @@ def generation_metrics(
                 done = event
         assert done is not None
         abstained += done.abstained
-        cited += bool(CITATION.search(done.answer))
         samples.append({"id": item.id, "question": item.question, "answer": done.answer, "adapter": done.adapter,
                         "sources": [p.source for p in passages], **answer_metrics(done.answer, item, passages)})
         if progress:

@@ -197,3 +197,20 @@ def test_eight_clients_for_two_minutes_each_get_their_own_domain(client: openai.
     # A leaked key/value cache is ~46 MB per 1,000-token request: a leak adds gigabytes over the ~60
     # answers here. Measured drift after warm-up: up to ~100 MB (not yet explained), hence 256.
     assert max(rss[len(rss) // 3:]) - warm < 256, "memory kept growing after the warm-up"
+
+
+@pytest.mark.model
+def test_raw_models_continue_a_started_reply(api_url: str) -> None:
+    import httpx
+
+    messages = [{"role": "user", "content": "What is a Roth IRA?"}]
+    body = {"model": "base:raw", "max_tokens": 8, "temperature": 0}
+    started = httpx.post(f"{api_url}/chat/completions", json={
+        **body, "messages": messages + [{"role": "assistant", "content": "A Roth IRA is"}],
+        "continue_final_message": True, "add_generation_prompt": False}, timeout=120).json()
+    fresh = httpx.post(f"{api_url}/chat/completions", json={**body, "messages": messages}, timeout=120).json()
+    continued = started["choices"][0]["message"]["content"]
+    assert continued and continued != fresh["choices"][0]["message"]["content"]
+    bad = httpx.post(f"{api_url}/chat/completions", json={**body, "messages": messages,
+                                                           "continue_final_message": True}, timeout=120)
+    assert bad.status_code == 400 and "last message to be the assistant" in bad.json()["error"]["message"]
