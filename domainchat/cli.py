@@ -208,16 +208,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from domainchat import evaluate
+    from domainchat import bench
     from domainchat.settings import load_settings
 
     with tqdm(total=9, desc="bench", file=sys.stderr, disable=args.json) as bar:
-        report = evaluate.run_bench(load_settings(), progress=lambda what: (bar.set_postfix_str(what), bar.update()))
+        report = bench.run_bench(load_settings(), progress=lambda what: (bar.set_postfix_str(what), bar.update()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "bench.md").write_text("# domainchat bench\n\n" + evaluate.bench_markdown(report), encoding="utf-8")
-    print(json.dumps(report, indent=2) if args.json else evaluate.bench_markdown(report))
+    (out / "bench.md").write_text("# domainchat bench\n\n" + bench.bench_markdown(report), encoding="utf-8")
+    print(json.dumps(report, indent=2) if args.json else bench.bench_markdown(report))
     return 0
 
 

@@ -1,10 +1,14 @@
 """Evaluate: the quality harness (`domainchat eval`) over each domain's held-out eval.jsonl.
 
-Measures retrieval (hit@k, MRR), abstention on out-of-scope questions, the perplexity of the
-reference answers with and without the domain's adapter, and the key-fact recall of generated
-answers under several configurations (base model or adapter, with or without retrieval), and
-writes eval.json, eval.md, side-by-side samples and bar charts. It drives the pipeline only through
-`chat.Assistant` and knows nothing of how the pieces inside work.
+Measures retrieval (hit@k, MRR), abstention on out-of-scope questions, risk rules, the perplexity
+of the reference answers with and without the domain's adapter, and how well generated answers
+keep to their passages under several configurations: key facts, the ceiling (key facts in the
+passages given), unsupported numbers, citation precision and length. With --counterfactual it
+answers again from a copy of the knowledge whose key-fact numbers are changed, and with --unseen
+from another organisation's documents (domains/<id>/unseen/), each in a throwaway store. It writes
+eval.json, eval.md, side-by-side samples and bar charts. It generates only through
+`chat.Assistant` (opening a throwaway knowledge store for those two suites) and knows nothing of
+how the pieces inside work; speed is bench.py's job.
 """
 
 from __future__ import annotations
@@ -219,7 +223,8 @@ def perplexity_metrics(assistant: Assistant, domain: Domain, items: Sequence[Eva
     return report
 
 
-def _fill_knowledge(domain_id: str) -> str:
+def fill_knowledge_hint(domain_id: str) -> str:
+    """What to do about an empty knowledge base (shared by eval's and bench's messages)."""
     return f"put documents in knowledge/{domain_id}/ (or run `domainchat ingest --domain {domain_id} PATH`)"
 
 
@@ -231,7 +236,7 @@ def check_ready(assistant: Assistant, domain_ids: Sequence[str], configs: Sequen
     for domain_id in domain_ids:
         domain = assistant.registry.get(domain_id)
         if assistant.knowledge is None or assistant.knowledge.count(domain_id) == 0:
-            raise BadInput(f"The knowledge base of '{domain_id}' is empty: {_fill_knowledge(domain_id)}, then run "
+            raise BadInput(f"The knowledge base of '{domain_id}' is empty: {fill_knowledge_hint(domain_id)}, then run "
                            "the eval again.")
         adapter, why = assistant.adapter_for(domain)
         if adapter is None and needs_adapter:
@@ -501,246 +506,3 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     series = {m: [report["domains"][d]["retrieval"][m] for d in domains] for m in metrics}
     written.append(_bar_chart(out_dir / "retrieval.png", domains, series, "Retrieval", ""))
     return written
-
-
-# --------------------------------------------------------------------------- bench (speed)
-
-BENCH_TARGETS = {
-    "switch_p50_ms": ("<=", 20.0),
-    "ttft_rag_prefix_cached_s": ("<=", 1.0),
-    "decode_speedup_vs_naive": (">=", 1.5),
-    "concurrency_speedup_4_sessions": (">=", 2.0),
-    "retrieval_p50_ms_10k": ("<=", 30.0),
-    "serving_peak_rss_mb": ("<=", 1536.0),
-}
-DECODE_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]  # long replies
-# A separate process: start the app as `serve` would (model, every adapter, knowledge), answer one
-# question, and report its own peak memory, untouched by what the bench itself loads.
-SERVING_PROBE = """
-import json, resource, time
-from domainchat import safety
-from domainchat.chat import Assistant, Done
-from domainchat.settings import load_settings
-assistant = Assistant.start(load_settings())
-started = time.perf_counter()
-domain = next(iter(assistant.registry.domains))
-for event in assistant.answer(domain, assistant.registry.get(domain).example_questions[0]):
-    pass
-print(json.dumps({"answer_s": time.perf_counter() - started,
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "chunks": {d: assistant.knowledge.count(d) for d in assistant.registry.domains}}))
-"""
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def _synthetic_adapters(checkpoint: Path, names: Sequence[str], root: Path) -> dict[str, Path]:
-    """Random LoRA adapters (rank 8, all linear layers, like a trained one) for speed measurements."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folders = {}
-    for seed, name in enumerate(names):
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param_name, param in peft_model.named_parameters():
-                if "lora_B" in param_name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-        peft_model.save_pretrained(root / name)
-        folders[name] = root / name
-    return folders
-
-
-def _timed_stream(engine, messages, adapter, params, prefix_messages: int = 0) -> tuple[float, float, int]:
-    """(time to first piece, total time, tokens) for one generation."""
-    import time
-
-    started = time.perf_counter()
-    first, pieces = None, []
-    for piece in engine.stream(messages, adapter, params, prefix_messages=prefix_messages):
-        if first is None:
-            first = time.perf_counter() - started
-        pieces.append(piece)
-    total = time.perf_counter() - started
-    return first or total, total, engine.count_tokens("".join(pieces))
-
-
-def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: int = 3) -> dict:
-    import random
-    import resource
-    import subprocess
-    import sys
-    import tempfile
-    import threading
-    import time
-
-    import torch
-
-    from domainchat import prompts
-    from domainchat.chat import adapter_dirs
-    from domainchat.domains import load_registry
-    from domainchat.engine import Engine, resolve_base
-    from domainchat.knowledge import KnowledgeStore
-
-    report: dict = {"machine": {"cpus": torch.get_num_threads()}, "runs": runs}
-    registry = load_registry(settings.domains_dir)
-    domain_ids = list(registry.domains)[:4]
-
-    progress("cold start")
-    resolve_base(settings)  # the cache exists before timing a cold start "with the model cache"
-    started = time.perf_counter()
-    serving = subprocess.run([sys.executable, "-c", SERVING_PROBE], check=True, capture_output=True, text=True)
-    probe = json.loads(serving.stdout.strip().splitlines()[-1])
-    report["cold_start_s"] = round(time.perf_counter() - started - probe["answer_s"], 2)
-    report["serving_peak_rss_mb"] = probe["peak_rss_mb"]
-    domain = registry.get("finance" if "finance" in registry.domains else domain_ids[0])
-    if not probe["chunks"].get(domain.id):  # known from the probe's store, before minutes of measuring
-        raise BadInput(f"The bench's RAG prompt needs the '{domain.id}' knowledge base, which is empty: "
-                       f"{_fill_knowledge(domain.id)}.")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        real = adapter_dirs(settings, registry)
-        missing = [d for d in domain_ids if d not in real]
-        folders = {**{d: real[d] for d in domain_ids if d in real},
-                   **_synthetic_adapters(Path(resolve_base(settings)), missing, tmp_path / "adapters")}
-        report["adapters"] = {d: ("trained" if d in real else "synthetic (random, rank 8, all linear)") for d in domain_ids}
-        progress("engine with 4 adapters")
-        engine = Engine.start(settings, folders)
-        engine.warm_up()
-        usable = [d for d in domain_ids if engine.available(d)]
-
-        progress("naive decode baseline")
-        # PeftModel.generate on the caller's thread, before anything else generates: it is the
-        # transformers path at its best here (a second thread's OpenMP pool slows it, measured).
-        naive = []
-        naive_prompt = engine.encode(DECODE_PROMPT)
-        for _ in range(runs):
-            with engine._lock:
-                engine._route(usable[0])
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = engine.model.generate(input_ids=naive_prompt, max_new_tokens=64, do_sample=False)
-                naive.append((out.shape[1] - naive_prompt.shape[1]) / (time.perf_counter() - t0))
-        naive_rate = round(statistics.median(naive), 2)
-
-        progress("adapter switch")
-        switches = []
-        for i in range(40):
-            name = usable[i % len(usable)]
-            with engine._lock:
-                t0 = time.perf_counter()
-                engine._route(name)
-                switches.append((time.perf_counter() - t0) * 1000)
-        report["switch_p50_ms"] = round(_percentile(switches, 0.5), 2)
-        report["switch_p95_ms"] = round(_percentile(switches, 0.95), 2)
-
-        from domainchat.engine import GenerationParams
-
-        progress("time to first token")
-        one_token = GenerationParams(max_new_tokens=1, temperature=0.0)
-        short = [{"role": "system", "content": registry.get(usable[0]).system_prompt},
-                 {"role": "user", "content": "What is APR?"}]
-        report["ttft_short_s"] = round(statistics.median(
-            _timed_stream(engine, short, usable[0], one_token)[0] for _ in range(runs)), 3)
-        store = KnowledgeStore.open(settings.home, settings.chroma_url)
-        question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
-        passages = store.search(domain.id, question, domain.retrieval.k)
-        adapter = domain.id if engine.available(domain.id) else None
-        with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
-        rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048,
-                                  with_few_shot=with_few_shot)
-        fixed = 1 + (2 * len(domain.few_shot) if with_few_shot else 0)
-        report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
-        report["ttft_rag_s"] = round(statistics.median(
-            _timed_stream(engine, rendered.messages, adapter, one_token)[0] for _ in range(runs)), 3)
-        _timed_stream(engine, rendered.messages, adapter, one_token, fixed)  # computes the prefix once
-        report["ttft_rag_prefix_cached_s"] = round(statistics.median(
-            _timed_stream(engine, rendered.messages, adapter, one_token, fixed)[0] for _ in range(runs)), 3)
-
-        progress("decode")
-        decode = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
-        prompt = DECODE_PROMPT
-        report["decoder"] = "lean" if engine._decoder is not None else "transformers"
-        ours = []
-        for _ in range(runs):
-            _, total, tokens = _timed_stream(engine, prompt, usable[0], decode)
-            ours.append(tokens / total)
-        report["decode_tokens_per_s"] = round(statistics.median(ours), 2)
-        report["decode_naive_peft_generate_tokens_per_s"] = naive_rate
-        report["decode_speedup_vs_naive"] = round(report["decode_tokens_per_s"] / naive_rate, 2)
-
-        progress("concurrency")
-        burst = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
-
-        def session(name: str, counts: list[int]) -> None:
-            counts.append(_timed_stream(engine, prompt, name, burst)[2])
-
-        single, four = [], []
-        for _ in range(runs):  # one session, then four at once, side by side in each run
-            counts: list[int] = []
-            t0 = time.perf_counter()
-            session(usable[0], counts)
-            single.append(counts[0] / (time.perf_counter() - t0))
-            counts = []
-            threads = [threading.Thread(target=session, args=(usable[i % len(usable)], counts)) for i in range(4)]
-            t0 = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            four.append(sum(counts) / (time.perf_counter() - t0))
-        report["one_session_tokens_per_s"] = round(statistics.median(single), 2)
-        report["four_sessions_aggregate_tokens_per_s"] = round(statistics.median(four), 2)
-        report["concurrency_speedup_4_sessions"] = round(statistics.median(four) / statistics.median(single), 2)
-
-        progress("retrieval at 10,000 chunks")
-        docs = tmp_path / "docs"
-        docs.mkdir()
-        sentences = [s.strip() for f in sorted(settings.knowledge_dir.glob("*/*.md"))
-                     for s in f.read_text(encoding="utf-8").replace("\n", " ").split(". ") if len(s.strip()) > 40]
-        rng = random.Random(0)
-        for f in range(142):  # ~10,000 chunks
-            sections = [f"## Section {f}-{i}\n" + ". ".join(rng.choice(sentences) for _ in range(3)) + "."
-                        for i in range(100)]
-            (docs / f"doc{f:03d}.md").write_text(f"# Synthetic {f}\n\n" + "\n\n".join(sections), encoding="utf-8")
-        bench_store = KnowledgeStore.open(tmp_path / "home", None, store.embeddings)
-        t0 = time.perf_counter()
-        ingest = bench_store.ingest("bench", [docs])
-        report["ingest_chunks"] = ingest.chunks_added
-        report["ingest_chunks_per_s"] = round(ingest.chunks_added / (time.perf_counter() - t0), 1)
-        latencies = []
-        questions = [s[:80] for s in rng.sample(sentences, 40)]
-        bench_store.search("bench", questions[0], 4)  # builds the BM25 index once
-        for q in questions:
-            t0 = time.perf_counter()
-            bench_store.search("bench", q, 4)
-            latencies.append((time.perf_counter() - t0) * 1000)
-        report["retrieval_p50_ms_10k"] = round(_percentile(latencies, 0.5), 1)
-        report["retrieval_p95_ms_10k"] = round(_percentile(latencies, 0.95), 1)
-
-    progress("done")
-    report["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    report["targets"] = {key: {"target": f"{op} {value}", "measured": report.get(key),
-                               "met": (report.get(key) is not None and
-                                       (report[key] <= value if op == "<=" else report[key] >= value))}
-                         for key, (op, value) in BENCH_TARGETS.items()}
-    return report
-
-
-def bench_markdown(report: dict) -> str:
-    lines = ["| measure | value |", "|---|---|"]
-    for key, value in report.items():
-        if key not in ("targets", "adapters", "machine"):
-            lines.append(f"| {key} | {value} |")
-    lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
-    for key, target in report["targets"].items():
-        lines.append(f"| {key} | {target['target']} | {target['measured']} | {'yes' if target['met'] else 'no'} |")
-    lines += ["", "Adapters: " + ", ".join(f"{d}: {kind}" for d, kind in report["adapters"].items())]
-    return "\n".join(lines) + "\n"
