@@ -13,6 +13,7 @@ It knows a tokenizer and text; nothing of domains, prompts or how logits are com
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ TAIL_TOKENS = 16  # enough decoded reply to see the number being written and wha
 MAX_FREE_DIGITS = 2  # a number at a line start with at most this many digits may be a list marker
 
 
+@functools.lru_cache(maxsize=64)  # one allowed list per running answer, asked at every digit
 def _prefixes(numbers: frozenset[str]) -> frozenset[str]:
     return frozenset(n[:i] for n in numbers for i in range(1, len(n) + 1))
 
