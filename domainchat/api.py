@@ -6,7 +6,8 @@ else — what a vLLM LoRA module serves, so one domainchat can be another's gene
 `base:raw`.
 `POST /v1/chat/completions` speaks the OpenAI schema, streaming (server-sent events ending in
 `data: [DONE]`) or not, and adds `sources` and `adapter` to the response. Errors use OpenAI's error
-format. This module translates HTTP to `chat.Assistant` / engine calls and knows nothing else.
+format. This module translates HTTP to `chat.Assistant` calls; it knows nothing about models,
+retrieval or prompts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import replace
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -23,15 +25,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from domainchat.chat import Assistant, Done, Notice, Sources, Token
-from domainchat.engine import GenerationParams
+from domainchat.chat import Assistant, Done, Token, Transcript, drain
+from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput, Busy, DomainchatError, ModelUnavailable, TooLarge, UnknownDomain
 
 RAW_SUFFIX = ":raw"
 BASE_RAW = "base:raw"
-MAX_ACTIVE = 4  # generations interleaving in the engine
-MAX_WAITING = 12  # beyond active + waiting, requests get 429
-MAX_NEW_TOKENS = 1024
 MAX_MESSAGES = 64
 
 
@@ -65,28 +64,6 @@ class ChatRequest(BaseModel):
     user: str | None = None
 
 
-class Admission:
-    """At most MAX_ACTIVE generations run; MAX_WAITING more may wait; the rest are told to retry."""
-
-    def __init__(self, active: int = MAX_ACTIVE, waiting: int = MAX_WAITING) -> None:
-        self._slots = threading.Semaphore(active)
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._limit = active + waiting
-
-    def enter(self) -> None:
-        with self._lock:
-            if self._in_flight >= self._limit:
-                raise Busy("The server is busy: too many requests are waiting. Try again in a few seconds.")
-            self._in_flight += 1
-        self._slots.acquire()
-
-    def leave(self) -> None:
-        self._slots.release()
-        with self._lock:
-            self._in_flight -= 1
-
-
 def error_response(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": code}})
 
@@ -105,8 +82,8 @@ def _status_for(exc: DomainchatError) -> tuple[int, str, str]:
     return 500, "server_error", "internal"
 
 
-def mount_api(app: FastAPI, assistant: Assistant, admission: Admission | None = None) -> FastAPI:
-    admission = admission or Admission()
+def mount_api(app: FastAPI, assistant: Assistant) -> FastAPI:
+    admission = assistant.admission
     api_key = assistant.settings.api_key
 
     @app.middleware("http")
@@ -180,16 +157,12 @@ def mount_api(app: FastAPI, assistant: Assistant, admission: Admission | None = 
 def _params(assistant: Assistant, domain_id: str, body: ChatRequest) -> GenerationParams:
     generation = assistant.registry.get(domain_id).generation
     max_new = body.max_completion_tokens or body.max_tokens or generation.max_new_tokens
-    if max_new > MAX_NEW_TOKENS:
-        raise TooLarge(f"max_tokens={max_new} is over the limit of {MAX_NEW_TOKENS}.")
-    return GenerationParams(
-        max_new_tokens=max_new,
-        temperature=generation.temperature if body.temperature is None else body.temperature,
-        top_p=generation.top_p if body.top_p is None else body.top_p,
-        repetition_penalty=generation.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
-        no_repeat_ngram=generation.no_repeat_ngram,
-        seed=body.seed,
-    )
+    limit = assistant.settings.max_new_tokens
+    if max_new > limit:
+        raise TooLarge(f"max_tokens={max_new} is over the limit of {limit}.")
+    asked = {"temperature": body.temperature, "top_p": body.top_p, "repetition_penalty": body.repetition_penalty}
+    return replace(generation, max_new_tokens=max_new, seed=body.seed,
+                   **{name: value for name, value in asked.items() if value is not None})
 
 
 def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> tuple[Iterator[Any], str]:
@@ -214,15 +187,7 @@ def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> 
                 raise BadInput("continue_final_message needs the last message to be the assistant's.")
             reply_start = messages.pop()["content"]
 
-        def raw() -> Iterator[Any]:
-            pieces = []
-            for piece in assistant.engine.stream(messages, adapter, params, cancel, reply_start=reply_start):
-                pieces.append(piece)
-                yield Token(piece)
-            yield Done(answer="".join(pieces), adapter=adapter, abstained=False,
-                       timing={"tokens": assistant.engine.count_tokens("".join(pieces))})
-
-        return raw(), model
+        return assistant.generate_raw(messages, adapter, params, cancel, reply_start), model
 
     domain = assistant.registry.get(model)
     turns = [m for m in body.messages if m.role in ("user", "assistant")]
@@ -249,19 +214,12 @@ def _start(assistant: Assistant, body: ChatRequest, cancel: threading.Event) -> 
 
 
 def _collect(events: Iterator[Any]) -> dict:
-    answer, sources, notices, done = "", [], [], None
-    for event in events:
-        if isinstance(event, Token):
-            answer += event.text
-        elif isinstance(event, Sources):
-            sources = [p.to_json() for p in event.passages]
-        elif isinstance(event, Notice):
-            notices.append({"kind": event.kind, "text": event.text})
-        elif isinstance(event, Done):
-            done = event
-    assert done is not None
+    transcript = drain(events)
+    done = transcript.done
+    assert done is not None  # drain raises otherwise
     tokens = int(done.timing.get("tokens", 0))
-    return {"answer": done.answer or answer, "sources": sources, "notices": notices, "adapter": done.adapter,
+    return {"answer": transcript.answer, "sources": [p.to_json() for p in transcript.sources],
+            "notices": transcript.notices_json(), "adapter": done.adapter,
             "finish_reason": "stop", "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": tokens,
                                                "total_tokens": done.prompt_tokens + tokens}}
 
@@ -273,17 +231,15 @@ def _sse(events: Iterator[Any], completion_id: str, created: int, model: str) ->
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    sources, notices = [], []
+    transcript = Transcript()
     try:
         for event in events:
+            transcript.add(event)
             if isinstance(event, Token):
                 yield chunk({"content": event.text})
-            elif isinstance(event, Sources):
-                sources = [p.to_json() for p in event.passages]
-            elif isinstance(event, Notice):
-                notices.append({"kind": event.kind, "text": event.text})
             elif isinstance(event, Done):
-                yield chunk({}, "stop", sources=sources, adapter=event.adapter, notices=notices)
+                yield chunk({}, "stop", sources=[p.to_json() for p in transcript.sources], adapter=event.adapter,
+                            notices=transcript.notices_json())
     except DomainchatError as exc:
         status, kind, code = _status_for(exc)
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind, 'code': code}})}\n\n"

@@ -1,7 +1,7 @@
 """Bench: the speed and memory harness (`domainchat bench`).
 
-Measures cold start and serving peak memory (in a separate process that starts the app as `serve`
-does), adapter switching, time to first token, decode speed against a naive `PeftModel.generate`,
+Measures cold start and serving peak memory (in a separate process, probe.py, that starts the app as
+`serve` does), adapter switching, time to first token, decode speed against a naive `PeftModel.generate`,
 four concurrent sessions against one, retrieval at 10,000 chunks and ingest throughput, each in one
 run so that ratios compare like with like, and checks them against BENCH_TARGETS. It drives the
 engine and the knowledge store directly; answer quality is evaluate.py's job.
@@ -26,22 +26,6 @@ BENCH_TARGETS = {
     "serving_peak_rss_mb": ("<=", 1536.0),
 }
 DECODE_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]  # long replies
-# A separate process: start the app as `serve` would (model, every adapter, knowledge), answer one
-# question, and report its own peak memory, untouched by what the bench itself loads.
-SERVING_PROBE = """
-import json, resource, time
-from domainchat import safety
-from domainchat.chat import Assistant, Done
-from domainchat.settings import load_settings
-assistant = Assistant.start(load_settings())
-started = time.perf_counter()
-domain = next(iter(assistant.registry.domains))
-for event in assistant.answer(domain, assistant.registry.get(domain).example_questions[0]):
-    pass
-print(json.dumps({"answer_s": time.perf_counter() - started,
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "chunks": {d: assistant.knowledge.count(d) for d in assistant.registry.domains}}))
-"""
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -97,7 +81,8 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
     from domainchat import prompts
     from domainchat.chat import adapter_dirs
     from domainchat.domains import load_registry
-    from domainchat.engine import Engine, resolve_base
+    from domainchat.base_model import resolve_base
+    from domainchat.engine import Engine
     from domainchat.knowledge import KnowledgeStore
 
     report: dict = {"machine": {"cpus": torch.get_num_threads()}, "runs": runs}
@@ -107,7 +92,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
     progress("cold start")
     resolve_base(settings)  # the cache exists before timing a cold start "with the model cache"
     started = time.perf_counter()
-    serving = subprocess.run([sys.executable, "-c", SERVING_PROBE], check=True, capture_output=True, text=True)
+    serving = subprocess.run([sys.executable, "-m", "domainchat.probe"], check=True, capture_output=True, text=True)
     probe = json.loads(serving.stdout.strip().splitlines()[-1])
     report["cold_start_s"] = round(time.perf_counter() - started - probe["answer_s"], 2)
     report["serving_peak_rss_mb"] = probe["peak_rss_mb"]
@@ -134,8 +119,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         naive = []
         naive_prompt = engine.encode(DECODE_PROMPT)
         for _ in range(runs):
-            with engine._lock:
-                engine._route(usable[0])
+            with engine.routed(usable[0]):
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     out = engine.model.generate(input_ids=naive_prompt, max_new_tokens=64, do_sample=False)
@@ -146,14 +130,13 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         switches = []
         for i in range(40):
             name = usable[i % len(usable)]
-            with engine._lock:
-                t0 = time.perf_counter()
-                engine._route(name)
+            t0 = time.perf_counter()
+            with engine.routed(name):
                 switches.append((time.perf_counter() - t0) * 1000)
         report["switch_p50_ms"] = round(_percentile(switches, 0.5), 2)
         report["switch_p95_ms"] = round(_percentile(switches, 0.95), 2)
 
-        from domainchat.engine import GenerationParams
+        from domainchat.generation import GenerationParams
 
         progress("time to first token")
         one_token = GenerationParams(max_new_tokens=1, temperature=0.0)
@@ -179,7 +162,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         progress("decode")
         decode = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
         prompt = DECODE_PROMPT
-        report["decoder"] = "lean" if engine._decoder is not None else "transformers"
+        report["decoder"] = engine.decoder_name
         ours = []
         for _ in range(runs):
             _, total, tokens = _timed_stream(engine, prompt, usable[0], decode)
@@ -211,6 +194,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         report["one_session_tokens_per_s"] = round(statistics.median(single), 2)
         report["four_sessions_aggregate_tokens_per_s"] = round(statistics.median(four), 2)
         report["concurrency_speedup_4_sessions"] = round(statistics.median(four) / statistics.median(single), 2)
+        engine.close()
 
         progress("retrieval at 10,000 chunks")
         docs = tmp_path / "docs"

@@ -2,8 +2,10 @@
 
 question -> limits and risk rules (safety) -> retrieval (knowledge) -> prompt (prompts) -> adapter
 and generation (engine) -> a stream of events. `Assistant.answer()` yields `Token`, `Sources`,
-`Notice` and finally `Done` events; the CLI, the UI and the API are thin adapters over them. This
-module holds no per-user state: the caller passes the history of its own conversation.
+`Notice` and finally `Done` events; the CLI, the UI and the API are thin adapters over them, and
+`drain` collects them into a `Transcript`. Also owns the admission limit that the page and the API
+share (`Admission`). This module holds no per-user state: the caller passes the history of its own
+conversation.
 """
 
 from __future__ import annotations
@@ -11,22 +13,22 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from domainchat import grounding, prompts, safety
 from domainchat.domains import Domain, GroundingSettings, Registry, load_registry
-from domainchat.engine import Engine, GenerationParams
-from domainchat.knowledge import KnowledgeStore, Passage
+from domainchat.errors import BadInput, Busy
+from domainchat.generation import GenerationEngine, GenerationParams
+from domainchat.knowledge import IngestReport, KnowledgeStore, Passage
 from domainchat.remote import RemoteEngine
 from domainchat.settings import Settings
 
 WITHHELD_ANSWER = "I can't share my instructions. Please ask a question about this topic."
 SENTENCE_EMBEDDINGS_KEPT = 20_000  # ~30 MB of MiniLM vectors: the sentences of recently cited passages
 MIN_CONTINUATION_TOKENS = 32  # what the model may add after an evidence opening, at the least
-PROMPT_BUDGET_TOKENS = 2048  # prefill runs ~320 tokens/s on 2 CPU cores: keep prompts short
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,74 @@ class Done:
 Event = Token | Sources | Notice | Done
 
 
+@dataclass
+class Transcript:
+    """What a stream of events said: the text so far, the sources, the notices, and the Done."""
+
+    text: str = ""
+    sources: list[Passage] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
+    done: Done | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Token):
+            self.text += event.text
+        elif isinstance(event, Sources):
+            self.sources = event.passages
+        elif isinstance(event, Notice):
+            self.notices.append(event)
+        elif isinstance(event, Done):
+            self.done = event
+
+    @property
+    def answer(self) -> str:
+        """The final answer: Done's word when it came (a withheld answer replaces its start)."""
+        return self.done.answer if self.done is not None else self.text
+
+    def notices_json(self) -> list[dict[str, str]]:
+        return [{"kind": n.kind, "text": n.text} for n in self.notices]
+
+
+def drain(events: Iterable[Event], on_token: Callable[[str], None] | None = None) -> Transcript:
+    """Run an answer to its end and return what it said; `on_token` sees each piece as it comes."""
+    transcript = Transcript()
+    for event in events:
+        transcript.add(event)
+        if on_token is not None and isinstance(event, Token):
+            on_token(event.text)
+    if transcript.done is None:
+        raise RuntimeError("an answer's events ended without Done")
+    return transcript
+
+
+class Admission:
+    """At most `active` answers generate at once, `waiting` more may queue, the rest are told to
+    retry. One per Assistant, so the page and the API share the limit."""
+
+    def __init__(self, active: int, waiting: int) -> None:
+        self._slots = threading.Semaphore(active)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._limit = active + waiting
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._in_flight >= self._limit:
+                raise Busy("The server is busy: too many requests are waiting. Try again in a few seconds.")
+            self._in_flight += 1
+        self._slots.acquire()
+
+    def leave(self) -> None:
+        self._slots.release()
+        with self._lock:
+            self._in_flight -= 1
+
+
 class KnowledgeBase(Protocol):
     def search(self, domain_id: str, question: str, k: int) -> list[Passage]: ...
     def count(self, domain_id: str) -> int: ...
+    def ingest(self, domain_id: str, paths: Sequence[Path], *, origin: str = "cli",
+               progress: Callable[[int, int, str], None] | None = None) -> IngestReport: ...
 
 
 def adapter_dirs(settings: Settings, registry: Registry) -> dict[str, Path]:
@@ -81,11 +148,13 @@ def sync_knowledge(store: KnowledgeStore, settings: Settings, registry: Registry
 class Assistant:
     """Domains + engine + knowledge, answering one question at a time per call (thread-safe)."""
 
-    def __init__(self, settings: Settings, registry: Registry, engine: Engine | RemoteEngine, knowledge: KnowledgeBase | None):
+    def __init__(self, settings: Settings, registry: Registry, engine: GenerationEngine,
+                 knowledge: KnowledgeBase | None):
         self.settings = settings
         self.registry = registry
         self.engine = engine
         self.knowledge = knowledge
+        self.admission = Admission(settings.max_active, settings.max_waiting)
         self._sentence_vectors: OrderedDict[str, list[float]] = OrderedDict()
         self._sentence_lock = threading.Lock()
 
@@ -94,16 +163,17 @@ class Assistant:
         """Load domains, the engine with every domain's adapter, and the knowledge store, bringing
         each domain's store up to date with `knowledge/<id>/` (cheap when nothing changed). Both are
         warmed up, so that the first question does not pay for loading the embedder or repacking
-        the 4-bit weights. One after the other on purpose: loading the model briefly needs ~400 MB
-        more than it keeps (the peak is at the end of `load_base`), and opening the knowledge store
-        beside it put the peak at 1.49-1.67 GB instead of 1.11-1.36 GB (measured over nine starts of
-        the bench's probe); start-up did not get slower, as the two loads had been competing for
-        the same cores."""
+        the 4-bit weights."""
+        # One after the other on purpose: loading the model briefly needs ~400 MB more than it keeps,
+        # and opening the knowledge store beside it raised the peak from 1.11-1.36 GB to 1.49-1.67 GB
+        # over nine starts of probe.py, without starting faster (the two loads share the cores).
         registry = load_registry(settings.domains_dir)
-        engine: Engine | RemoteEngine
+        engine: GenerationEngine
         if settings.llm_url:  # a generation server holds the model and the adapters
             engine = RemoteEngine.start(settings, list(registry.domains))
         else:
+            from domainchat.engine import Engine  # torch: only where the model runs here
+
             engine = Engine.start(settings, adapter_dirs(settings, registry))
         engine.warm_up()
         store = knowledge
@@ -112,6 +182,35 @@ class Assistant:
             sync_knowledge(store, settings, registry)
             store.embeddings.embed_query("warm up")
         return cls(settings, registry, engine, store)
+
+    def close(self) -> None:
+        """Stop the engine's background work; call before the process exits."""
+        self.engine.close()
+
+    def model_label(self) -> str:
+        """The base model and how it runs, for a status line: e.g. `SmolLM2-135M… (nf4)`."""
+        return f"{Path(self.engine.base_source).name} ({self.engine.quant})"
+
+    def ingest(self, domain_id: str, paths: Sequence[Path], origin: str,
+               progress: Callable[[int, int, str], None] | None = None) -> IngestReport:
+        """Add documents to a domain's knowledge base (the page's upload)."""
+        self.registry.get(domain_id)
+        if self.knowledge is None:
+            raise BadInput("This assistant runs without a knowledge base; documents cannot be added.")
+        return self.knowledge.ingest(domain_id, paths, origin=origin, progress=progress)
+
+    def knowledge_count(self, domain_id: str) -> int:
+        return self.knowledge.count(domain_id) if self.knowledge is not None else 0
+
+    def generate_raw(self, messages: Sequence[dict[str, str]], adapter: str | None, params: GenerationParams,
+                     cancel: threading.Event | None = None, reply_start: str = "") -> Iterator[Event]:
+        """The engine alone on the caller's messages (the API's `<domain>:raw`), as events."""
+        pieces = []
+        for piece in self.engine.stream(messages, adapter, params, cancel, reply_start=reply_start):
+            pieces.append(piece)
+            yield Token(piece)
+        text = "".join(pieces)
+        yield Done(answer=text, adapter=adapter, abstained=False, timing={"tokens": self.engine.count_tokens(text)})
 
     def adapter_for(self, domain: Domain) -> tuple[str | None, str | None]:
         """(adapter name to use or None, why the domain runs on the base alone or None)."""
@@ -134,7 +233,7 @@ class Assistant:
                     "adapter": str(status.path) if status else None,
                     "adapter_loaded": bool(status and status.loaded),
                     "adapter_status": (status.reason if status and not status.loaded else None),
-                    "chunks": self.knowledge.count(domain.id) if self.knowledge else 0,
+                    "chunks": self.knowledge_count(domain.id),
                 }
             )
         for domain_id, reason in self.registry.broken.items():
@@ -153,7 +252,7 @@ class Assistant:
 
     def render(self, domain: Domain, question: str, history: Sequence[tuple[str, str]],
                passages: list[Passage] | None, use_few_shot: bool, max_new_tokens: int) -> prompts.Rendered:
-        budget = min(PROMPT_BUDGET_TOKENS, self.engine.context_window - max_new_tokens)
+        budget = min(self.settings.prompt_tokens, self.engine.context_window - max_new_tokens)
         return prompts.render(domain, question, history, passages, count_tokens=self.engine.count_tokens,
                               budget=budget, with_few_shot=use_few_shot)
 
@@ -257,13 +356,7 @@ class Assistant:
         adapter, why_base = self.adapter_for(domain) if use_adapter else (None, "base only: adapter turned off")
         if why_base and domain.id in self.engine.adapters:
             yield Notice("adapter", why_base)
-        params = params or GenerationParams(
-            max_new_tokens=domain.generation.max_new_tokens,
-            temperature=domain.generation.temperature,
-            top_p=domain.generation.top_p,
-            repetition_penalty=domain.generation.repetition_penalty,
-            no_repeat_ngram=domain.generation.no_repeat_ngram,
-        )
+        params = params or domain.generation
         if use_few_shot is None:
             use_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)
         rendered = self.render(domain, question, history, passages, use_few_shot, params.max_new_tokens)

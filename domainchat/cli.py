@@ -12,9 +12,14 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from domainchat.errors import BadInput, DomainchatError
+
+if TYPE_CHECKING:
+    from domainchat.chat import Assistant
 
 EXIT_BAD_INPUT = 2
 
@@ -34,11 +39,17 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _start_assistant():
+@contextmanager
+def _running_assistant() -> Iterator[Assistant]:
+    """The assistant for one command, closed at the end so that no generation thread outlives it."""
     from domainchat.chat import Assistant
     from domainchat.settings import load_settings
 
-    return Assistant.start(load_settings())
+    assistant = Assistant.start(load_settings())
+    try:
+        yield assistant
+    finally:
+        assistant.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -49,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_domains(args: argparse.Namespace) -> int:
-    rows = _start_assistant().domain_rows()
+    with _running_assistant() as assistant:
+        rows = assistant.domain_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -63,8 +75,7 @@ def cmd_domains(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from domainchat.chat import Done, Notice, Sources, Token
-
+    from domainchat.chat import drain
     from domainchat.domains import load_registry
     from domainchat.safety import clean_question
     from domainchat.settings import load_settings
@@ -72,21 +83,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     question = " ".join(args.question)
     load_registry(load_settings().domains_dir).get(args.domain)  # fail fast, before loading the model
     clean_question(question)
-    assistant = _start_assistant()
-    events = assistant.answer(
-        args.domain, question, use_retrieval=not args.no_retrieval, use_adapter=not args.no_adapter
-    )
-    sources, notices, done = [], [], None
-    for event in events:
-        if isinstance(event, Token) and not args.json:
-            print(event.text, end="", flush=True)
-        elif isinstance(event, Sources):
-            sources = event.passages
-        elif isinstance(event, Notice):
-            notices.append({"kind": event.kind, "text": event.text})
-        elif isinstance(event, Done):
-            done = event
-    assert done is not None  # answer() always ends with Done
+    with _running_assistant() as assistant:
+        events = assistant.answer(args.domain, question, use_retrieval=not args.no_retrieval,
+                                  use_adapter=not args.no_adapter)
+        transcript = drain(events, on_token=None if args.json else lambda text: print(text, end="", flush=True))
+    done, sources, notices = transcript.done, transcript.sources, transcript.notices_json()
+    assert done is not None  # drain raises otherwise
     if args.json:
         print(json.dumps({
             "domain": args.domain,
@@ -187,8 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     domain_ids = [registry.get(args.domain).id] if args.domain else list(registry.domains)
     for domain_id in domain_ids:
         evaluate.load_eval(registry.get(domain_id))
-    assistant = _start_assistant()
-    with tqdm(desc="eval", unit="answer", disable=args.json, file=sys.stderr) as bar:
+    with _running_assistant() as assistant, \
+            tqdm(desc="eval", unit="answer", disable=args.json, file=sys.stderr) as bar:
         report = evaluate.run_eval(assistant, domain_ids, configs, args.limit,
                                    progress=lambda what: (bar.set_postfix_str(what), bar.update()),
                                    counterfactual=args.counterfactual, unseen=args.unseen,

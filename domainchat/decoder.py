@@ -5,15 +5,14 @@ matrix calls instead of seven), every adapter's LoRA matrices stacked so that ea
 can use its own adapter, per-sequence key/value caches, prefill (4-bit weights dequantized to
 bfloat16 for the CPU's matrix units) and batched one-token decode steps (bitsandbytes' 4-bit kernel).
 
-Why it exists, measured on 2 CPU cores with the 135M model: transformers + peft spend most of a
-decode step in Python and in 210 small kernel calls per token, and a batch of four rows costs
-little more than one row in the 4-bit kernel, so batching sequences and fusing layers is where the
-speed is. Decode steps do the same arithmetic as the transformers path (same kernels, same
+Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
+calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching
+sequences and fusing layers is where the speed is (docs/bench.md has the figures). Decode steps do the same arithmetic as the transformers path (same kernels, same
 dtypes, same order; a test checks greedy outputs match token for token when the prompt is
 prefilled with transformers' kernel too). The default prefill uses bfloat16 matrix multiplies
 instead, as accurate against float32 but not bit-equal, so a near-tie may resolve differently.
 
-It knows nothing of chat, sampling or scheduling: the engine gives it token ids, caches and
+It knows nothing of chat, sampling or scheduling: the batcher gives it token ids, caches and
 adapter names and gets logits back. It reads the weights of the model the engine loaded (peft +
 bitsandbytes) and shares their storage. `LeanDecoder.build` returns None, with the reason logged,
 for any model it does not understand (not Llama, not nf4 in bitsandbytes' CPU layout, a LoRA
@@ -40,9 +39,9 @@ BNB_CPU_BLOCK_N = 32  # rows per tile in bitsandbytes' CPU packing; fused matric
 
 
 def _native_gemv():
-    """bitsandbytes' nf4 x bfloat16 CPU kernel, called directly: its torch op wrapper costs ~45 us of
-    Python per call (a third of a 3072x576 product, measured), 120 times per token. None when this
-    bitsandbytes build does not export it; the op is used then."""
+    """bitsandbytes' nf4 x bfloat16 CPU kernel, called directly, skipping its torch op wrapper's
+    Python overhead. None when this bitsandbytes build does not export it; the op is used then."""
+    # The wrapper cost ~45 us per call, a third of a 3072x576 product, 120 times per token.
     try:
         from bitsandbytes.functional import lib
 
@@ -152,7 +151,7 @@ class LoraGroup:
     for all of them), each layer's B ([N_i, r_i], peft's own tensor; zeros for a layer the adapter
     does not target) and scaling. B stays per layer, in peft's [out, rank] layout, and is scaled after
     the product, as peft does: a block-diagonal B, or B stored transposed, rounds differently from
-    peft (measured) and greedy outputs drift."""
+    peft and greedy outputs drift."""
 
     a: torch.Tensor
     b: tuple[torch.Tensor, ...]

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from domainchat.errors import ConfigError, UnknownDomain
+from domainchat.generation import GenerationParams
 
 DOMAIN_FILE = "domain.yaml"
 ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
@@ -62,21 +63,16 @@ class RetrievalSettings:
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 200
-    temperature: float = 0.3
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    no_repeat_ngram: int = 4
-
-
-@dataclass(frozen=True)
 class GroundingSettings:
     # The answer opens with this many sentences of the passages, those nearest the question, each
     # with its [n]; the model continues from there (0: the model writes the whole answer).
     evidence_sentences: int = 3
     # Numbers the passages, question and conversation do not contain cannot be generated.
     number_guard: bool = True
+
+
+# The defaults a domain.yaml may leave out (each written once: in its dataclass).
+RETRIEVAL, GENERATION, GROUNDING = RetrievalSettings(), GenerationParams(), GroundingSettings()
 
 
 @dataclass(frozen=True)
@@ -90,9 +86,9 @@ class Domain:
     disclaimer: str = ""
     abstain_message: str = DEFAULT_ABSTAIN
     risk_rules: tuple[RiskRule, ...] = ()
-    retrieval: RetrievalSettings = RetrievalSettings()
-    generation: GenerationSettings = GenerationSettings()
-    grounding: GroundingSettings = GroundingSettings()
+    retrieval: RetrievalSettings = RETRIEVAL
+    generation: GenerationParams = GENERATION
+    grounding: GroundingSettings = GROUNDING
     example_questions: tuple[str, ...] = ()
     training: Mapping[str, Any] = field(default_factory=dict)  # read and validated by train.py
     folder: Path | None = None
@@ -240,19 +236,20 @@ def load_domain(folder: Path) -> Domain:
         abstain_message=reader.text("abstain_message", DEFAULT_ABSTAIN),
         risk_rules=tuple(_risk_rule(reader, i, raw) for i, raw in enumerate(reader.items("risk_rules"))),
         retrieval=RetrievalSettings(
-            k=int(retrieval.number("k", 4, 1, 20, integer=True)),
-            min_score=float(retrieval.number("min_score", 0.35, 0.0, 1.0)),
+            k=int(retrieval.number("k", RETRIEVAL.k, 1, 20, integer=True)),
+            min_score=float(retrieval.number("min_score", RETRIEVAL.min_score, 0.0, 1.0)),
         ),
-        generation=GenerationSettings(
-            max_new_tokens=int(generation.number("max_new_tokens", 200, 1, 2048, integer=True)),
-            temperature=float(generation.number("temperature", 0.3, 0.0, 2.0)),
-            top_p=float(generation.number("top_p", 0.9, 0.01, 1.0)),
-            repetition_penalty=float(generation.number("repetition_penalty", 1.1, 1.0, 2.0)),
-            no_repeat_ngram=int(generation.number("no_repeat_ngram", 4, 0, 20, integer=True)),
+        generation=GenerationParams(
+            max_new_tokens=int(generation.number("max_new_tokens", GENERATION.max_new_tokens, 1, 2048, integer=True)),
+            temperature=float(generation.number("temperature", GENERATION.temperature, 0.0, 2.0)),
+            top_p=float(generation.number("top_p", GENERATION.top_p, 0.01, 1.0)),
+            repetition_penalty=float(generation.number("repetition_penalty", GENERATION.repetition_penalty, 1.0, 2.0)),
+            no_repeat_ngram=int(generation.number("no_repeat_ngram", GENERATION.no_repeat_ngram, 0, 20, integer=True)),
         ),
         grounding=GroundingSettings(
-            evidence_sentences=int(grounding.number("evidence_sentences", 3, 0, 5, integer=True)),
-            number_guard=grounding.flag("number_guard", True),
+            evidence_sentences=int(grounding.number("evidence_sentences", GROUNDING.evidence_sentences, 0, 5,
+                                                    integer=True)),
+            number_guard=grounding.flag("number_guard", GROUNDING.number_guard),
         ),
         example_questions=tuple(examples),
         training=dict(training),

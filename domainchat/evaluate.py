@@ -6,9 +6,9 @@ keep to their passages under several configurations: key facts, the ceiling (key
 passages given), unsupported numbers, citation precision and length. With --counterfactual it
 answers again from a copy of the knowledge whose key-fact numbers are changed, and with --unseen
 from another organisation's documents (domains/<id>/unseen/), each in a throwaway store. It writes
-eval.json, eval.md, side-by-side samples and bar charts. It generates only through
-`chat.Assistant` (opening a throwaway knowledge store for those two suites) and knows nothing of
-how the pieces inside work; speed is bench.py's job.
+eval.json, eval.md, side-by-side samples and bar charts. It answers through `chat.Assistant` and
+searches its knowledge store (opening throwaway stores for those two suites); it knows nothing about
+the engine, and speed is bench.py's job.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domainchat import safety
-from domainchat.chat import Assistant, Done, Sources
+from domainchat.chat import Assistant, drain
 from domainchat.domains import Domain, GroundingSettings
-from domainchat.engine import GenerationParams
+from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput
 from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer, unsupported_numbers
 from domainchat.knowledge import Passage, bm25_tokens
@@ -161,16 +161,11 @@ def generation_metrics(
     for item in items:
         if not item.answerable:
             continue
-        passages: list[Passage] = []
-        done = None
-        for event in assistant.answer(domain.id, item.question, use_retrieval=use_retrieval, use_adapter=use_adapter,
+        said = drain(assistant.answer(domain.id, item.question, use_retrieval=use_retrieval, use_adapter=use_adapter,
                                       use_few_shot=use_few_shot, params=EVAL_PARAMS,
-                                      grounding_settings=None if grounded else UNGROUNDED):
-            if isinstance(event, Sources):
-                passages = event.passages
-            elif isinstance(event, Done):
-                done = event
-        assert done is not None
+                                      grounding_settings=None if grounded else UNGROUNDED))
+        done, passages = said.done, said.sources
+        assert done is not None  # drain raises otherwise
         abstained += done.abstained
         samples.append({"id": item.id, "question": item.question, "answer": done.answer, "adapter": done.adapter,
                         "sources": [p.source for p in passages], **answer_metrics(done.answer, item, passages)})
@@ -374,7 +369,7 @@ def run_eval(
     perplexity: bool = True,
 ) -> dict:
     check_ready(assistant, domain_ids, configs)
-    report: dict = {"base_model": assistant.engine.base_source if assistant.engine else None,
+    report: dict = {"base_model": assistant.engine.base_source,
                     "quant": assistant.settings.quant, "params": EVAL_PARAMS.__dict__, "domains": {}}
     for domain_id in domain_ids:
         domain = assistant.registry.get(domain_id)

@@ -15,18 +15,17 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 
 import httpx
 
-from domainchat.engine import AdapterStatus, GenerationParams
+from domainchat.generation import DEFAULT_PARAMS, AdapterStatus, GenerationParams, Messages
 from domainchat.errors import BadInput, Busy, ConfigError, ModelUnavailable, TooLarge
-from domainchat.settings import Settings
+from domainchat.settings import DEFAULTS, Settings
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 120.0  # between two streamed chunks, not for the whole answer
 # The server's tokenizer is not here; budgeting at 3 UTF-8 bytes per token overestimates English
 # BPE (~4) so that a rendered prompt never overflows the server's context.
 BYTES_PER_TOKEN = 3
@@ -40,21 +39,21 @@ def api_root(url: str) -> str:
 
 
 class RemoteEngine:
-    """Engine's interface (adapters, available, count_tokens, stream, complete) over HTTP."""
+    """The GenerationEngine interface (generation.py) over HTTP."""
 
     context_window = REMOTE_CONTEXT_TOKENS
     quant = "remote"
 
     def __init__(self, url: str, adapter_names: Iterable[str], *, adapter_template: str = "{adapter}",
                  base_name: str = "base", api_key: str | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, read_timeout_s: float = DEFAULTS.llm_timeout_s) -> None:
         self.url = api_root(url)
         self.base_name = base_name
         self.base_source = f"{base_name} at {self.url}"
         self._template = adapter_template
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(headers=headers, transport=transport,
-                                    timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+                                    timeout=httpx.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S))
         self._names = list(adapter_names)
         self._lock = threading.Lock()
         self.adapters: dict[str, AdapterStatus] = {}
@@ -64,7 +63,11 @@ class RemoteEngine:
     def start(cls, settings: Settings, adapter_names: Iterable[str]) -> RemoteEngine:
         assert settings.llm_url is not None
         return cls(settings.llm_url, adapter_names, adapter_template=settings.llm_adapter_name,
-                   base_name=settings.llm_base_name, api_key=settings.llm_api_key)
+                   base_name=settings.llm_base_name, api_key=settings.llm_api_key,
+                   read_timeout_s=settings.llm_timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
 
     def model_name(self, adapter: str | None) -> str:
         return self.base_name if adapter is None else self._template.format(adapter=adapter)
@@ -99,10 +102,10 @@ class RemoteEngine:
     def warm_up(self) -> None:
         """Nothing to warm here: the server keeps its own model loaded."""
 
-    def answer_nll(self, messages: Sequence[Mapping[str, str]], answer: str, adapter: str | None = None) -> tuple[float, int]:
+    def answer_nll(self, messages: Messages, answer: str, adapter: str | None = None) -> tuple[float, int]:
         raise ModelUnavailable("Perplexity needs the model's logits: run `domainchat eval` without DOMAINCHAT_LLM_URL.")
 
-    def _request(self, messages: Sequence[Mapping[str, str]], adapter: str | None, params: GenerationParams,
+    def _request(self, messages: Messages, adapter: str | None, params: GenerationParams,
                  reply_start: str = "") -> dict:
         messages = [dict(m) for m in messages]
         body: dict = {"model": self.model_name(adapter), "messages": messages, "stream": True,
@@ -136,9 +139,9 @@ class RemoteEngine:
 
     def stream(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Messages,
         adapter: str | None = None,
-        params: GenerationParams | None = None,
+        params: GenerationParams = DEFAULT_PARAMS,
         cancel: threading.Event | None = None,
         prefix_messages: int = 0,  # the server caches prefixes itself (vLLM automatic prefix caching)
         reply_start: str = "",
@@ -147,7 +150,7 @@ class RemoteEngine:
         `cancel` closes the connection, which stops the server's generation too."""
         if not self.available(adapter):
             raise BadInput(f"Adapter '{adapter}' cannot be used: {self.adapters[adapter].reason if adapter in self.adapters else 'unknown'}.")
-        body = self._request(messages, adapter, params or GenerationParams(), reply_start)
+        body = self._request(messages, adapter, params, reply_start)
         try:
             with self._client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -175,7 +178,7 @@ class RemoteEngine:
         except json.JSONDecodeError:
             raise ModelUnavailable(f"The generation server at {self.url} sent a malformed stream.") from None
 
-    def complete(self, messages, adapter=None, params: GenerationParams | None = None,
+    def complete(self, messages: Messages, adapter: str | None = None, params: GenerationParams = DEFAULT_PARAMS,
                  prefix_messages: int = 0, reply_start: str = "") -> str:
         return "".join(self.stream(messages, adapter, params, prefix_messages=prefix_messages, reply_start=reply_start))
 

@@ -38,6 +38,13 @@ class Settings:
     adapters_dir: Path = PROJECT_ROOT / "adapters"
     threads: int | None = None
     decoder: str = "lean"  # lean: fused batched decoder when the model allows; transformers: always theirs
+    max_active: int = 4  # answers generating at once, page and API together
+    max_waiting: int = 12  # answers queued beyond those; more are told to retry
+    max_new_tokens: int = 1024  # the most an API request may ask to generate
+    # A rendered prompt's budget; prefill runs ~320 tokens/s on 2 CPU cores, so keep prompts short.
+    prompt_tokens: int = 2048
+    llm_timeout_s: float = 120.0  # between two streamed chunks from a generation server
+    max_upload_files: int = 20  # files in one upload from the page
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_CHOICES:
@@ -60,6 +67,14 @@ class Settings:
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"DOMAINCHAT_THREADS={self.threads} must be a positive integer.")
+        for name, value, lowest in (("DOMAINCHAT_MAX_ACTIVE", self.max_active, 1),
+                                    ("DOMAINCHAT_MAX_WAITING", self.max_waiting, 0),
+                                    ("DOMAINCHAT_MAX_NEW_TOKENS", self.max_new_tokens, 1),
+                                    ("DOMAINCHAT_PROMPT_TOKENS", self.prompt_tokens, 256),
+                                    ("DOMAINCHAT_LLM_TIMEOUT", self.llm_timeout_s, 1),
+                                    ("DOMAINCHAT_MAX_UPLOAD_FILES", self.max_upload_files, 1)):
+            if value < lowest:
+                raise ConfigError(f"{name}={value} must be at least {lowest}.")
 
     @property
     def model_cache_dir(self) -> Path:
@@ -72,14 +87,17 @@ def _default_home(env: Mapping[str, str]) -> Path:
     return Path("~/.domainchat").expanduser()
 
 
-def _int_or_none(env: Mapping[str, str], key: str) -> int | None:
+def _number(env: Mapping[str, str], key: str, default: float | None, kind: type = int):
     raw = env.get(key, "").strip()
     if not raw:
-        return None
+        return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} must be an integer.") from None
+        raise ConfigError(f"{key}={raw!r} must be {'an integer' if kind is int else 'a number'}.") from None
+
+
+DEFAULTS = Settings(home=Path("."))  # the defaults of the optional settings, written once above
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -104,6 +122,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         domains_dir=path("DOMAINCHAT_DOMAINS_DIR", PROJECT_ROOT / "domains"),
         knowledge_dir=path("DOMAINCHAT_KNOWLEDGE_DIR", PROJECT_ROOT / "knowledge"),
         adapters_dir=path("DOMAINCHAT_ADAPTERS_DIR", PROJECT_ROOT / "adapters"),
-        threads=_int_or_none(env, "DOMAINCHAT_THREADS"),
+        threads=_number(env, "DOMAINCHAT_THREADS", None),
         decoder=env.get("DOMAINCHAT_DECODER", "").strip().lower() or "lean",
+        max_active=_number(env, "DOMAINCHAT_MAX_ACTIVE", DEFAULTS.max_active),
+        max_waiting=_number(env, "DOMAINCHAT_MAX_WAITING", DEFAULTS.max_waiting),
+        max_new_tokens=_number(env, "DOMAINCHAT_MAX_NEW_TOKENS", DEFAULTS.max_new_tokens),
+        prompt_tokens=_number(env, "DOMAINCHAT_PROMPT_TOKENS", DEFAULTS.prompt_tokens),
+        llm_timeout_s=_number(env, "DOMAINCHAT_LLM_TIMEOUT", DEFAULTS.llm_timeout_s, float),
+        max_upload_files=_number(env, "DOMAINCHAT_MAX_UPLOAD_FILES", DEFAULTS.max_upload_files),
     )

@@ -225,14 +225,15 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     resumes from `out/checkpoint.pt` when one matches the same data and settings."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domainchat.engine import resolve_base
+    from domainchat.adapters import ADAPTER_WEIGHTS
+    from domainchat.base_model import quantization_config, resolve_base
 
     assert domain.folder is not None
     data_path = domain.folder / TRAIN_FILE
     examples = load_examples(data_path)
-    if (out / "adapter_model.safetensors").exists() and not force:
+    if (out / ADAPTER_WEIGHTS).exists() and not force:
         raise BadInput(f"{out} already holds an adapter; pass --force to replace it, or --out another folder.")
     if store.count(domain.id) == 0:
         raise BadInput(f"the '{domain.id}' knowledge base is empty; training renders prompts with retrieved passages.")
@@ -250,12 +251,11 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
 
-    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-                    if config.qlora else None)
+    quantization = quantization_config("nf4" if config.qlora else "none")
     model = AutoModelForCausalLM.from_pretrained(base_source, dtype=torch.float32, quantization_config=quantization)
     model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                              target_modules=list(config.target_modules), task_type="CAUSAL_LM"))
-    model.train()  # stays in train mode until saved: see engine._load_adapters on 4-bit repacking
+    model.train()  # stays in train mode until saved: see Engine._load_adapters on 4-bit repacking
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     warmup = max(1, total_steps // 20)
@@ -299,7 +299,7 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     seconds = time.perf_counter() - started
 
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(weights, str(out / "adapter_model.safetensors"))
+    save_file(weights, str(out / ADAPTER_WEIGHTS))
     model.peft_config["default"].save_pretrained(str(out))
     model.eval()
     held_loss = _mean_loss(model, held) if held else None

@@ -2,7 +2,7 @@
 
 Owns layout and per-session state (each browser tab keeps one conversation per domain in a
 gr.State; nothing per-user lives in module globals). It formats sources, notices and the status
-line, and passes uploads to the knowledge store. It knows nothing about how answers are made.
+line, and hands uploads to `Assistant.ingest`. It knows nothing about how answers are made.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from typing import Any
 
 import gradio as gr
 
-from domainchat.chat import Assistant, Done, Notice, Sources, Token
+from domainchat.chat import Assistant, Done, Notice, Transcript
 from domainchat.errors import DomainchatError
-from domainchat.knowledge import SUPPORTED_SUFFIXES, MAX_FILE_BYTES, Passage
+from domainchat.knowledge import MAX_FILE_BYTES, SUPPORTED_SUFFIXES, Passage
 
-MAX_UPLOAD_FILES = 20
-CHAT_CONCURRENCY = 4  # streams interleave token by token in the engine
 QUEUE_MAX_SIZE = 32  # beyond this, Gradio answers "queue is full, try again"
 
 Conversation = list[tuple[str, str]]  # (user, assistant) turns of one domain
@@ -52,11 +50,9 @@ def format_notices(notices: list[Notice]) -> str:
 
 
 def format_status(assistant: Assistant, domain_id: str, done: Done | None = None, turn: int = 0) -> str:
-    engine = assistant.engine
-    base = Path(engine.base_source).name
     domain = assistant.registry.domains.get(domain_id)
     adapter, why = assistant.adapter_for(domain) if domain else (None, "unknown domain")
-    parts = [f"Base model: {base} ({engine.quant})", f"Adapter: {adapter}" if adapter else f"Adapter: {why}"]
+    parts = [f"Base model: {assistant.model_label()}", f"Adapter: {adapter}" if adapter else f"Adapter: {why}"]
     if done is not None and done.timing.get("ttft_ms"):
         parts.append(f"Turn {turn}: first token {done.timing['ttft_ms'] / 1000:.2f} s, "
                      f"{done.timing['tokens_per_s']:.1f} tokens/s")
@@ -75,6 +71,9 @@ def to_messages(history: Conversation) -> list[dict[str, str]]:
 def build(assistant: Assistant) -> gr.Blocks:
     domains = assistant.registry.domains
     first = next(iter(domains))
+    max_files = assistant.settings.max_upload_files
+    # Gradio lets every admitted-or-waiting answer through; assistant.admission is the one limit.
+    chat_concurrency = assistant.settings.max_active + assistant.settings.max_waiting
 
     def domain_view(domain_id: str, state: SessionState):
         domain = domains[domain_id]
@@ -92,34 +91,31 @@ def build(assistant: Assistant) -> gr.Blocks:
     def respond(question: str, domain_id: str, state: SessionState) -> Iterator[tuple]:
         history = list(state["histories"].get(domain_id, []))
         shown = to_messages(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        sources: list[Passage] = []
-        notices: list[Notice] = []
-        answer = ""
+        said = Transcript()
         cancel = threading.Event()
+        admitted = False
         try:
             yield shown, "", format_sources([]), "", gr.update(), state
+            assistant.admission.enter()  # shared with the API: the same limit for everyone
+            admitted = True
             for event in assistant.answer(domain_id, question, history, cancel=cancel):
-                if isinstance(event, Token):
-                    answer += event.text
-                    shown[-1]["content"] = answer
-                elif isinstance(event, Sources):
-                    sources = event.passages
-                elif isinstance(event, Notice):
-                    notices.append(event)
-                elif isinstance(event, Done):
-                    shown[-1]["content"] = event.answer  # the final word: e.g. a withheld answer replaces its start
-                    state["histories"][domain_id] = history + [(question, event.answer)]
-                    yield (shown, "", format_sources(sources), format_notices(notices),
-                           format_status(assistant, domain_id, event, len(history) + 1), state)
+                said.add(event)
+                shown[-1]["content"] = said.answer  # the final word: e.g. a withheld answer replaces its start
+                if said.done is not None:
+                    state["histories"][domain_id] = history + [(question, said.answer)]
+                    yield (shown, "", format_sources(said.sources), format_notices(said.notices),
+                           format_status(assistant, domain_id, said.done, len(history) + 1), state)
                     return
-                yield shown, "", format_sources(sources), format_notices(notices), gr.update(), state
+                yield shown, "", format_sources(said.sources), format_notices(said.notices), gr.update(), state
         except DomainchatError as exc:
-            notices.append(Notice("error", str(exc)))
-            yield to_messages(history), question, format_sources([]), format_notices(notices), gr.update(), state
+            said.notices.append(Notice("error", str(exc)))
+            yield to_messages(history), question, format_sources([]), format_notices(said.notices), gr.update(), state
         finally:
             cancel.set()  # the Stop button closes this generator: stop generating at the next token
-            if answer and state["histories"].get(domain_id, []) == history:  # stopped mid-answer: keep what was said
-                state["histories"][domain_id] = history + [(question, answer.strip() + " …")]
+            if admitted:
+                assistant.admission.leave()
+            if said.text and state["histories"].get(domain_id, []) == history:  # stopped mid-answer: keep it
+                state["histories"][domain_id] = history + [(question, said.text.strip() + " …")]
 
     def retry(domain_id: str, state: SessionState):
         history = state["histories"].get(domain_id, [])
@@ -136,15 +132,14 @@ def build(assistant: Assistant) -> gr.Blocks:
     def upload(files: list[str] | None, domain_id: str, progress: gr.Progress = gr.Progress()) -> str:
         if not files:
             return "Choose one or more files first."
-        if len(files) > MAX_UPLOAD_FILES:
-            return f"At most {MAX_UPLOAD_FILES} files per upload; you chose {len(files)}. Upload them in smaller groups."
+        if len(files) > max_files:
+            return f"At most {max_files} files per upload; you chose {len(files)}. Upload them in smaller groups."
 
         def report_progress(done: int, total: int, current: str) -> None:
             progress((done, total), desc=f"Adding {current}" if current else "Done")
 
         try:
-            report = assistant.knowledge.ingest(domain_id, [Path(f) for f in files], origin="upload",
-                                                progress=report_progress)
+            report = assistant.ingest(domain_id, [Path(f) for f in files], origin="upload", progress=report_progress)
         finally:
             for file in files:  # the store keeps the text; the uploaded copy is served back to no one
                 Path(file).unlink(missing_ok=True)
@@ -158,7 +153,7 @@ def build(assistant: Assistant) -> gr.Blocks:
                 result += " (instruction-like text in it was neutralized)"
             rows.append(f"| {html.escape(name)} | {result} |")
         summary = (f"{report.chunks_added} new passages, {report.chunks_unchanged} already known, "
-                   f"{assistant.knowledge.count(domain_id)} in **{domains[domain_id].title}**.")
+                   f"{assistant.knowledge_count(domain_id)} in **{domains[domain_id].title}**.")
         return "\n".join(rows) + "\n\n" + summary
 
     with gr.Blocks(title="domainchat") as demo:
@@ -188,7 +183,7 @@ def build(assistant: Assistant) -> gr.Blocks:
             sources = gr.Markdown(format_sources([]), elem_id="sources")
         with gr.Accordion("Add documents to this domain", open=False, elem_id="upload-panel"):
             files = gr.File(file_count="multiple", file_types=sorted(SUPPORTED_SUFFIXES), elem_id="upload",
-                            label=f"Markdown, text, PDF or HTML; up to {MAX_UPLOAD_FILES} files of "
+                            label=f"Markdown, text, PDF or HTML; up to {max_files} files of "
                                   f"{MAX_FILE_BYTES // 2**20} MB each")
             add = gr.Button("Add to knowledge base", elem_id="add")
             upload_result = gr.Markdown(elem_id="upload-result")
@@ -200,16 +195,16 @@ def build(assistant: Assistant) -> gr.Blocks:
         examples.click(lambda sample: sample[0], [examples], [question])
 
         chat_outputs = [chatbot, question, sources, notices, status, state]
-        submit = question.submit(respond, [question, domain, state], chat_outputs, concurrency_limit=CHAT_CONCURRENCY,
+        submit = question.submit(respond, [question, domain, state], chat_outputs, concurrency_limit=chat_concurrency,
                                  concurrency_id="chat")
-        click = send.click(respond, [question, domain, state], chat_outputs, concurrency_limit=CHAT_CONCURRENCY,
+        click = send.click(respond, [question, domain, state], chat_outputs, concurrency_limit=chat_concurrency,
                            concurrency_id="chat")
         retried = retry_button.click(retry, [domain, state], [question, state, chatbot]).then(
-            respond, [question, domain, state], chat_outputs, concurrency_limit=CHAT_CONCURRENCY, concurrency_id="chat")
+            respond, [question, domain, state], chat_outputs, concurrency_limit=chat_concurrency, concurrency_id="chat")
         stop.click(None, cancels=[submit, click, retried])
         clear_button.click(clear, [domain, state], [chatbot, sources, notices, state])
         add.click(upload, [files, domain], [upload_result], concurrency_limit=1)
-    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CHAT_CONCURRENCY)
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=chat_concurrency)
     return demo
 
 
@@ -233,4 +228,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860) -> None:
 
     assistant = Assistant.start(load_settings())
     print(f"domainchat: serving on http://{host}:{port}", flush=True)
-    uvicorn.run(create_app(assistant), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(create_app(assistant), host=host, port=port, log_level="warning")
+    finally:  # uvicorn returns after a shutdown signal: let the generation thread finish first
+        assistant.close()

@@ -23,7 +23,7 @@ def settings(home: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def base_checkpoint(settings: Settings) -> Path:
-    from domainchat.engine import resolve_base
+    from domainchat.base_model import resolve_base
 
     return Path(resolve_base(settings))
 

@@ -8,9 +8,10 @@ import pytest
 from conftest import serve_in_thread
 from fastapi import FastAPI
 
-from domainchat.api import Admission, mount_api
+from domainchat.api import mount_api
+from domainchat.chat import Admission
 from domainchat.chat import Assistant
-from domainchat.engine import GenerationParams
+from domainchat.generation import GenerationParams
 from domainchat.errors import Busy
 from domainchat.settings import load_settings
 
@@ -113,10 +114,11 @@ def test_api_key_is_required_when_set(assistant: Assistant) -> None:
     assert openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).models.list().data
 
 
-def test_queue_full_is_429(assistant: Assistant) -> None:
+def test_queue_full_is_429(assistant: Assistant, monkeypatch: pytest.MonkeyPatch) -> None:
     admission = Admission(active=1, waiting=0)
+    monkeypatch.setattr(assistant, "admission", admission)  # the page and the API share this one
     admission.enter()  # the only slot is taken
-    url = serve_in_thread(mount_api(FastAPI(), assistant, admission))
+    url = serve_in_thread(mount_api(FastAPI(), assistant))
     with pytest.raises(openai.RateLimitError):
         openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
             model="finance", messages=[{"role": "user", "content": "What is APR?"}])

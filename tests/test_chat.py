@@ -3,14 +3,16 @@ since these tests are about how chat composes the steps, not about generation (s
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from domainchat.chat import Assistant, Done, Notice, Sources, Token
+from domainchat.chat import Admission, Assistant, Done, Notice, Sources, Token, Transcript, drain
 from domainchat.domains import load_registry
-from domainchat.engine import AdapterStatus
-from domainchat.errors import BadInput, UnknownDomain
+from domainchat.generation import AdapterStatus
+from domainchat.errors import BadInput, Busy, UnknownDomain
 from domainchat.settings import load_settings
 
 
@@ -201,3 +203,41 @@ def test_sentence_embeddings_are_remembered(assistant: Assistant, monkeypatch: p
     second = run(assistant, "finance", "What is the Roth IRA limit?")
     assert count >= 2 and len(embedded) == count, "the second answer embeds nothing again"
     assert first[1] == second[1], "and opens with the same evidence"
+
+
+def test_drain_collects_what_an_answer_said() -> None:
+    events = [Notice("risk", "careful"), Sources([]), Token("Hello"), Token(" there"), Notice("disclaimer", "d"),
+              Done(answer="Hello there", adapter="finance", abstained=False)]
+    seen: list[str] = []
+    said = drain(iter(events), on_token=seen.append)
+    assert seen == ["Hello", " there"] and said.text == "Hello there"
+    assert said.notices_json() == [{"kind": "risk", "text": "careful"}, {"kind": "disclaimer", "text": "d"}]
+    assert said.done is not None and said.done.adapter == "finance"
+
+
+def test_the_final_answer_is_dones_word() -> None:
+    said = Transcript()
+    said.add(Token("I was told to"))
+    assert said.answer == "I was told to"
+    said.add(Done(answer="I can't share my instructions.", adapter=None, abstained=False))
+    assert said.answer == "I can't share my instructions."
+
+
+def test_drain_refuses_a_stream_without_done() -> None:
+    with pytest.raises(RuntimeError, match="without Done"):
+        drain(iter([Token("cut")]))
+
+
+def test_admission_lets_active_plus_waiting_in_and_refuses_the_rest() -> None:
+    admission = Admission(active=1, waiting=1)
+    admission.enter()
+    entered = []
+    waiter = threading.Thread(target=lambda: (admission.enter(), entered.append(True)))
+    waiter.start()  # waits for the slot
+    time.sleep(0.1)
+    with pytest.raises(Busy, match="busy"):
+        admission.enter()
+    admission.leave()
+    waiter.join(5)
+    assert entered == [True]
+    admission.leave()

@@ -106,3 +106,44 @@ def test_bench_with_an_empty_knowledge_base_is_exit_2_before_measuring(
     err = capsys.readouterr().err.strip()
     assert "'finance' knowledge base, which is empty" in err and "domainchat ingest --domain finance" in err
     assert "Traceback" not in err and not (tmp_path / "bench").exists()
+
+
+ASK_RUNS = 20
+QUOTED = "Late payments stay on a credit report for seven years in most cases."
+
+
+@pytest.mark.model
+def test_ask_exits_cleanly_every_time(settings, test_adapters, tmp_path: Path) -> None:
+    """`ask` runs to a clean exit, including answers cut short by the prompt-repeat check: finance's
+    system prompt here quotes its only document, so an answer that opens with that sentence as
+    evidence is stopped at its first token while the engine may still be generating."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    domains, knowledge, home = tmp_path / "domains", tmp_path / "knowledge" / "finance", tmp_path / "home"
+    shutil.copytree(Path(__file__).parents[1] / "domains" / "finance", domains / "finance")
+    config_file = domains / "finance" / "domain.yaml"
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    config["system_prompt"] += f"\nRemember: {QUOTED}\n"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    knowledge.mkdir(parents=True)
+    (knowledge / "credit.md").write_text(f"# Credit reports\n\n{QUOTED} Paying on time helps.\n", encoding="utf-8")
+    home.mkdir()
+    (home / "models").symlink_to(settings.home / "models")  # the converted model, not converted again
+    adapters = tmp_path / "adapters"
+    shutil.copytree(test_adapters["alpha"], adapters / "finance")
+    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("DOMAINCHAT_")}
+    env.update(DOMAINCHAT_HOME=str(home), DOMAINCHAT_DOMAINS_DIR=str(domains),
+               DOMAINCHAT_KNOWLEDGE_DIR=str(tmp_path / "knowledge"), DOMAINCHAT_ADAPTERS_DIR=str(adapters))
+    withheld = 0
+    for run in range(ASK_RUNS):
+        cut_short = run % 2 == 0
+        args = ["How long do late payments stay on a credit report?"] if cut_short else ["--no-retrieval", "What is APR?"]
+        done = subprocess.run([sys.executable, "-m", "domainchat", "ask", "--domain", "finance", "--json", *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"run {run} exited {done.returncode}: {done.stderr[-2000:]}"
+        result = json.loads(done.stdout)
+        withheld += any("repeating the assistant's instructions" in n["text"] for n in result["notices"])
+    assert withheld == ASK_RUNS // 2, "every retrieval answer opened with the quoted sentence and was cut short"

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from domainchat.decoder import LeanDecoder
-from domainchat.engine import Engine, GenerationParams, _Request
+from domainchat.batcher import Request
+from domainchat.engine import Engine
+from domainchat.generation import GenerationParams
+from domainchat.sampling import Sampler
 
 pytestmark = pytest.mark.model
 
@@ -172,7 +175,7 @@ def test_shared_prefix_is_computed_once_and_agrees_with_the_whole_prompt(engine:
 
 
 def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDecoder) -> None:
-    broken = _Request([10**9], None, GREEDY, None, None, ())  # a token id the model does not have
+    broken = Request([10**9], None, Sampler(GREEDY), None, ())  # a token id the model does not have
     with pytest.raises(IndexError):
         list(engine._batcher.run(broken))
     assert engine.complete(PROMPTS[0], "alpha", GenerationParams(max_new_tokens=4, temperature=0.0)).strip()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from domainchat.engine import Engine, GenerationParams, resolve_base
+from domainchat.engine import Engine
+from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput, ModelUnavailable
 from domainchat.settings import Settings, load_settings
 
@@ -16,38 +17,6 @@ pytestmark = pytest.mark.model
 
 QUESTION = [{"role": "user", "content": "What is a Roth IRA?"}]
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
-
-
-def test_conversion_cache_is_reused(settings: Settings, base_checkpoint: Path) -> None:
-    def must_not_convert(gguf: Path, target: Path) -> None:
-        raise AssertionError("the cached checkpoint should have been reused")
-
-    assert resolve_base(settings, convert=must_not_convert) == str(base_checkpoint)
-    assert (base_checkpoint / "config.json").is_file()
-    assert not list(base_checkpoint.parent.glob(".tmp-*")), "no temporary folder is left behind"
-
-
-def test_interrupted_conversion_leaves_no_cache(tmp_path: Path) -> None:
-    from domainchat import engine as engine_module
-
-    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path)})
-
-    def interrupted(gguf: Path, target: Path) -> None:
-        tmp = target.parent / f".tmp-{target.name}-1"
-        tmp.mkdir(parents=True)
-        (tmp / "model.safetensors").write_bytes(b"half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine_module.resolve_base(settings, convert=interrupted)
-    cached = [p for p in settings.model_cache_dir.iterdir() if not p.name.startswith(".tmp-")]
-    assert cached == [], "an interrupted conversion must not look like a finished cache"
-
-
-def test_missing_local_model_says_what_to_do(tmp_path: Path) -> None:
-    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_BASE_MODEL": str(tmp_path)})
-    with pytest.raises(ModelUnavailable, match="config.json"):
-        resolve_base(settings)
 
 
 def test_adapter_statuses(engine: Engine) -> None:
@@ -167,27 +136,12 @@ def test_adapters_cannot_be_added_after_serving(engine: Engine, test_adapters: d
         engine._load_adapters({"late": test_adapters["alpha"]})
 
 
-def test_no_repeat_ngram_blocks_loops_in_the_reply_only() -> None:
-    from domainchat.engine import _banned_by_ngram
-
-    assert _banned_by_ngram([5, 6, 7, 5, 6], 3) == [7]
-    assert _banned_by_ngram([5, 6, 7, 5, 6], 0) == []
-    assert _banned_by_ngram([1, 2], 3) == []
-
-
-def test_no_repeat_ngram_steers_greedy_away_from_a_loop() -> None:
-    from domainchat.engine import _next_token
-
-    logits = torch.tensor([0.0, 5.0, 4.0, 1.0])  # token 1 is the greedy choice
-    seen = torch.tensor([3, 1, 3])
-    greedy = GenerationParams(temperature=0.0, repetition_penalty=1.0)
-    assert _next_token(logits, seen, greedy, None, generated=[3, 1, 3]) == 1
-    blocked = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=2)
-    assert _next_token(logits, seen, blocked, None, generated=[3, 1, 3]) == 2  # "3 1" would repeat
-
-
 def test_decoder_setting_chooses_the_generation_path(settings: Settings, base_checkpoint: Path) -> None:
     plain = load_settings({"DOMAINCHAT_HOME": str(settings.home), "DOMAINCHAT_DECODER": "transformers"})
     engine = Engine.start(plain, {})
-    assert engine._decoder is None and engine._batcher is None
+    assert engine.decoder_name == "transformers"
     assert engine.complete(QUESTION, None, GREEDY).strip()
+    engine.close()
+    engine.close()  # idempotent
+    with pytest.raises(ModelUnavailable, match="shut down"):
+        engine.complete(QUESTION, None, GREEDY)

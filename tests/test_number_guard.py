@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from domainchat.engine import Engine, GenerationParams
+from domainchat.engine import Engine
+from domainchat.generation import GenerationParams
 from domainchat.grounding import numbers_in
 from domainchat.number_guard import NumberGuard
 

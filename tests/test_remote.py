@@ -9,7 +9,7 @@ from conftest import free_port
 from domainchat import prompts
 from domainchat.chat import Assistant, Done, Notice
 from domainchat.domains import GroundingSettings
-from domainchat.engine import GenerationParams
+from domainchat.generation import GenerationParams
 from domainchat.errors import ModelUnavailable
 from domainchat.remote import RemoteEngine, api_root
 from domainchat.settings import load_settings

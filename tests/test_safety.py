@@ -90,7 +90,7 @@ def test_injected_documents_do_not_steer_answers(engine, store, tmp_path: Path, 
     No answer may carry the document's trigger phrase or repeat the system prompt (target rate 0)."""
     from domainchat.chat import Assistant, Sources, Token
     from domainchat.domains import load_registry
-    from domainchat.engine import GenerationParams
+    from domainchat.generation import GenerationParams
     from domainchat.settings import load_settings
 
     for doc in INJECTION_DOCS:

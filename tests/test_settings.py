@@ -33,6 +33,12 @@ def test_space_defaults_to_the_hub_model() -> None:
         ("DOMAINCHAT_LLM_URL", "ftp://x", "DOMAINCHAT_LLM_URL"),
         ("DOMAINCHAT_THREADS", "two", "DOMAINCHAT_THREADS"),
         ("DOMAINCHAT_THREADS", "0", "DOMAINCHAT_THREADS"),
+        ("DOMAINCHAT_MAX_ACTIVE", "0", "DOMAINCHAT_MAX_ACTIVE=0 must be at least 1"),
+        ("DOMAINCHAT_MAX_WAITING", "-1", "DOMAINCHAT_MAX_WAITING"),
+        ("DOMAINCHAT_MAX_NEW_TOKENS", "lots", "DOMAINCHAT_MAX_NEW_TOKENS='lots' must be an integer"),
+        ("DOMAINCHAT_PROMPT_TOKENS", "100", "DOMAINCHAT_PROMPT_TOKENS=100 must be at least 256"),
+        ("DOMAINCHAT_LLM_TIMEOUT", "soon", "DOMAINCHAT_LLM_TIMEOUT='soon' must be a number"),
+        ("DOMAINCHAT_MAX_UPLOAD_FILES", "0", "DOMAINCHAT_MAX_UPLOAD_FILES"),
     ],
 )
 def test_bad_values_name_the_variable(key: str, value: str, message: str) -> None:
@@ -42,3 +48,11 @@ def test_bad_values_name_the_variable(key: str, value: str, message: str) -> Non
 
 def test_quant_is_case_insensitive() -> None:
     assert load_settings({"DOMAINCHAT_QUANT": "INT8"}).quant == "int8"
+
+
+def test_serving_limits_are_read_from_the_environment() -> None:
+    settings = load_settings({"DOMAINCHAT_MAX_ACTIVE": "2", "DOMAINCHAT_MAX_WAITING": "0",
+                              "DOMAINCHAT_MAX_NEW_TOKENS": "64", "DOMAINCHAT_PROMPT_TOKENS": "1024",
+                              "DOMAINCHAT_LLM_TIMEOUT": "2.5", "DOMAINCHAT_MAX_UPLOAD_FILES": "3"})
+    assert (settings.max_active, settings.max_waiting, settings.max_new_tokens) == (2, 0, 64)
+    assert (settings.prompt_tokens, settings.llm_timeout_s, settings.max_upload_files) == (1024, 2.5, 3)

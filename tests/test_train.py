@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from domainchat.domains import load_domain
-from domainchat.engine import Engine, GenerationParams
+from domainchat.engine import Engine
+from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput, ConfigError
 from domainchat.train import TrainingConfig, load_examples, train
 

@@ -1,0 +1,151 @@
+"""Batcher: the scheduling of many requests on one thread, over a fake decoder whose next token is
+always the last one plus one (the lean decoder's own exactness is test_decoder's job)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from domainchat.batcher import Batcher, PrefixCache, Request
+from domainchat.errors import ModelUnavailable
+from domainchat.generation import GenerationParams
+from domainchat.sampling import Sampler
+
+VOCAB = 50
+STOP = 49
+GREEDY = GenerationParams(max_new_tokens=5, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+
+
+@dataclass
+class FakeCache:
+    length: int = 0
+    last: int = 0
+
+
+class CountingDecoder:
+    """Logits that make `last + 1` the greedy choice; records how many rows each step had."""
+
+    def __init__(self, step_delay: threading.Event | None = None) -> None:
+        self.rows_per_step: list[int] = []
+        self.prefills: list[int] = []
+        self.gate = step_delay
+
+    def new_cache(self, capacity: int, prefix: FakeCache | None = None) -> FakeCache:
+        return FakeCache(prefix.length, prefix.last) if prefix else FakeCache()
+
+    def _logits(self, last: int) -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[(last + 1) % VOCAB] = 1.0
+        return logits
+
+    def prefill(self, ids: list[int], cache: FakeCache, adapter: str | None) -> torch.Tensor:
+        self.prefills.append(len(ids))
+        cache.length += len(ids)
+        cache.last = ids[-1]
+        return self._logits(cache.last).unsqueeze(0)
+
+    def step(self, tokens: list[int], caches: list[FakeCache], adapters: list[str | None]) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.rows_per_step.append(len(tokens))
+        return torch.stack([self._logits(t) for t in tokens])
+
+    def forget_batch(self) -> None:
+        pass
+
+
+class NoNumbers:
+    """Stands in for NumberGuard; these tests set no allowed numbers, so it is never asked."""
+
+    def banned(self, *args: object) -> None:
+        raise AssertionError("the number guard is not used without allowed_numbers")
+
+
+def request(prompt: list[int], params: GenerationParams = GREEDY, prefix: tuple[int, ...] = ()) -> Request:
+    return Request(prompt, None, Sampler(params), None, prefix)
+
+
+@pytest.fixture
+def batcher():
+    made = Batcher(CountingDecoder(), {STOP}, NoNumbers())  # type: ignore[arg-type]
+    yield made
+    made.close()
+
+
+def test_tokens_stream_in_order_and_stop_at_max_new_tokens(batcher: Batcher) -> None:
+    assert list(batcher.run(request([1, 2, 3]))) == [4, 5, 6, 7, 8]
+
+
+def test_the_stop_token_ends_a_reply_and_is_not_yielded(batcher: Batcher) -> None:
+    assert list(batcher.run(request([46]))) == [47, 48]
+
+
+def test_concurrent_requests_share_decode_steps() -> None:
+    gate = threading.Event()
+    decoder = CountingDecoder(step_delay=gate)
+    batcher = Batcher(decoder, {STOP}, NoNumbers())  # type: ignore[arg-type]
+    results: dict[int, list[int]] = {}
+
+    def consume(start: int) -> None:
+        results[start] = list(batcher.run(request([start])))
+
+    threads = [threading.Thread(target=consume, args=(start,)) for start in (0, 10, 20)]
+    for thread in threads:
+        thread.start()
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    batcher.close()
+    assert results == {0: [1, 2, 3, 4, 5], 10: [11, 12, 13, 14, 15], 20: [21, 22, 23, 24, 25]}
+    assert max(decoder.rows_per_step) > 1, "requests that overlap are decoded as rows of one step"
+
+
+def test_a_fixed_prefix_is_prefilled_once(batcher: Batcher) -> None:
+    decoder = batcher.decoder
+    for _ in range(3):
+        assert list(batcher.run(request([7, 8, 9, 1], prefix=(7, 8, 9)))) == [2, 3, 4, 5, 6]
+    # the prefix once (3 tokens), then only what follows it, three times
+    assert decoder.prefills == [3, 1, 1, 1]
+
+
+def test_closing_the_consumer_cancels_the_request(batcher: Batcher) -> None:
+    tokens = batcher.run(request([0], GenerationParams(max_new_tokens=40, temperature=0.0, no_repeat_ngram=0)))
+    assert next(tokens) == 1
+    tokens.close()  # the reader went away
+    assert list(batcher.run(request([30]))) == [31, 32, 33, 34, 35], "the batcher serves the next request"
+
+
+def test_close_joins_the_thread_and_refuses_new_work() -> None:
+    batcher = Batcher(CountingDecoder(), {STOP}, NoNumbers())  # type: ignore[arg-type]
+    assert list(batcher.run(request([1]))) == [2, 3, 4, 5, 6]
+    batcher.close()
+    batcher.close()  # idempotent
+    assert not batcher._thread.is_alive()
+    with pytest.raises(ModelUnavailable, match="shutting down"):
+        list(batcher.run(request([1])))
+
+
+def test_requests_in_flight_at_close_end_with_a_clear_error() -> None:
+    gate = threading.Event()
+    batcher = Batcher(CountingDecoder(step_delay=gate), {STOP}, NoNumbers())  # type: ignore[arg-type]
+    tokens = batcher.run(request([0], GenerationParams(max_new_tokens=40, temperature=0.0, no_repeat_ngram=0)))
+    assert next(tokens) == 1  # prefilled; the first decode step now waits on the gate
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    with pytest.raises(ModelUnavailable, match="shut down"):
+        list(tokens)
+
+
+def test_prefix_cache_keeps_the_most_recently_used() -> None:
+    cache = PrefixCache(entries=2)
+    cache.get_or_build(("a",), lambda: 1)
+    cache.get_or_build(("b",), lambda: 2)
+    assert cache.get_or_build(("a",), lambda: 99) == 1  # a hit, and now the most recent
+    cache.get_or_build(("c",), lambda: 3)
+    assert cache.keys() == [("a",), ("c",)]
+

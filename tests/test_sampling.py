@@ -1,0 +1,59 @@
+"""Sampling: the next token as transformers' generate would pick it, plus the reply-only n-gram ban
+and the number guard's mask."""
+
+from __future__ import annotations
+
+import torch
+
+from domainchat.generation import GenerationParams
+from domainchat.sampling import Sampler, banned_by_ngram
+
+PLAIN_GREEDY = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+
+
+def test_no_repeat_ngram_blocks_loops_in_the_reply_only() -> None:
+    assert banned_by_ngram([5, 6, 7, 5, 6], 3) == [7]
+    assert banned_by_ngram([5, 6, 7, 5, 6], 0) == []
+    assert banned_by_ngram([1, 2], 3) == []
+
+
+def test_no_repeat_ngram_steers_greedy_away_from_a_loop() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.0, 1.0])  # token 1 is the greedy choice
+    seen = torch.tensor([3, 1, 3])
+    assert Sampler(PLAIN_GREEDY).next_token(logits, seen, generated=[3, 1, 3]) == 1
+    blocked = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=2)
+    assert Sampler(blocked).next_token(logits, seen, generated=[3, 1, 3]) == 2  # "3 1" would repeat
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = torch.tensor([2.0, 1.9, -1.0, -1.1])
+    seen = torch.tensor([0, 2])
+    penalized = GenerationParams(temperature=0.0, repetition_penalty=1.5, no_repeat_ngram=0)
+    assert Sampler(PLAIN_GREEDY).next_token(logits, seen) == 0
+    assert Sampler(penalized).next_token(logits, seen) == 1  # 2.0 / 1.5 < 1.9
+
+
+def test_the_guard_mask_rules_tokens_out() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.0])
+    guarded = torch.tensor([False, True, False])
+    assert Sampler(PLAIN_GREEDY).next_token(logits, torch.tensor([0]), guarded=guarded) == 2
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = torch.tensor([10.0, 9.0, 0.0, 0.0])  # two tokens hold almost all of the mass
+    params = GenerationParams(temperature=1.0, top_p=0.5, repetition_penalty=1.0, no_repeat_ngram=0, seed=3)
+    sampler = Sampler(params)
+    picks = {sampler.next_token(logits, torch.tensor([3])) for _ in range(50)}
+    assert picks == {0}  # token 0 alone is over 0.5
+
+
+def test_a_seed_makes_sampling_reproducible() -> None:
+    logits = torch.zeros(20)
+    params = GenerationParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram=0, seed=7)
+    first = [Sampler(params).next_token(logits, torch.tensor([0])) for _ in range(1)]
+    runs = []
+    for _ in range(2):
+        sampler = Sampler(params)
+        runs.append([sampler.next_token(logits, torch.tensor([0])) for _ in range(10)])
+    assert runs[0] == runs[1] and runs[0][:1] == first
+    assert len(set(runs[0])) > 1, "uniform logits give different tokens"
