@@ -24,11 +24,28 @@ if TYPE_CHECKING:
 EXIT_BAD_INPUT = 2
 
 
+# Warnings we have read and judged to say nothing a user can act on; anything else still shows.
+KNOWN_WARNINGS = (
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),  # torch.utils.mkldnn, at import
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # peft asking transformers, at load
+)
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """On CPUs with AVX512-BF16, bitsandbytes warns at import when the optional `kernels` package
+    (which would download a 4-bit matmul from the Hub) is missing; domainchat works without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels" not in record.getMessage()
+
+
 def _quiet_libraries() -> None:
-    """Keep library chatter (progress bars, optional-kernel warnings) out of the user's terminal."""
-    warnings.filterwarnings("ignore")
+    """Keep library chatter (progress bars, known harmless warnings) out of the user's terminal."""
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("bitsandbytes", "transformers", "peft", "accelerate", "chromadb", "httpx", "sentence_transformers"):
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
+    for noisy in ("transformers", "peft", "accelerate", "chromadb", "httpx", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -205,7 +205,7 @@ class Engine:
         with self._lock:
             self._served = True
             self._route(adapter)
-            return self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+            return self.model(input_ids=ids, cache=cache, use_cache=cache is not None,
                               logits_to_keep=1 if last_only else 0)
 
     def _prefix_ids(self, prefix: Messages, ids: torch.Tensor) -> tuple[int, ...]:
