@@ -16,8 +16,8 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from domainchat.chat import Assistant, Done, Token, Transcript, drain
-from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput, Busy, DomainchatError, ModelUnavailable, TooLarge, UnknownDomain
+from domainchat.generation import GenerationParams
 
 RAW_SUFFIX = ":raw"
 BASE_RAW = "base:raw"
@@ -65,7 +65,8 @@ class ChatRequest(BaseModel):
 
 
 def error_response(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": code}})
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return JSONResponse(status_code=status, content={"error": error})
 
 
 def _status_for(exc: DomainchatError) -> tuple[int, str, str]:
@@ -90,7 +91,8 @@ def mount_api(app: FastAPI, assistant: Assistant) -> FastAPI:
     async def require_key(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <DOMAINCHAT_API_KEY>'.",
+                return error_response(401,
+                                      "Missing or wrong API key: send 'Authorization: Bearer <DOMAINCHAT_API_KEY>'.",
                                       "invalid_request_error", "invalid_api_key")
         return await call_next(request)
 

@@ -42,7 +42,8 @@ def _synthetic_adapters(checkpoint: Path, names: Sequence[str], root: Path) -> d
     folders = {}
     for seed, name in enumerate(names):
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param_name, param in peft_model.named_parameters():
@@ -79,9 +80,9 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
     import torch
 
     from domainchat import prompts
+    from domainchat.base_model import resolve_base
     from domainchat.chat import adapter_dirs
     from domainchat.domains import load_registry
-    from domainchat.base_model import resolve_base
     from domainchat.engine import Engine
     from domainchat.knowledge import KnowledgeStore
 
@@ -107,7 +108,8 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         missing = [d for d in domain_ids if d not in real]
         folders = {**{d: real[d] for d in domain_ids if d in real},
                    **_synthetic_adapters(Path(resolve_base(settings)), missing, tmp_path / "adapters")}
-        report["adapters"] = {d: ("trained" if d in real else "synthetic (random, rank 8, all linear)") for d in domain_ids}
+        report["adapters"] = {d: ("trained" if d in real else "synthetic (random, rank 8, all linear)")
+                              for d in domain_ids}
         progress("engine with 4 adapters")
         engine = Engine.start(settings, folders)
         engine.warm_up()

@@ -257,13 +257,13 @@ class Assistant:
                               budget=budget, with_few_shot=use_few_shot)
 
     def _embed_sentences(self, texts: list[str]) -> list[list[float]]:
-        """MiniLM vectors of `texts`, remembered: the same passages are cited again and again, and
-        embedding their ~17 sentences costs a quarter to half a second on 2 CPU cores."""
+        """MiniLM vectors of `texts`, remembered: the same passages are cited again and again."""
+        # Embedding one answer's ~17 passage sentences takes a quarter to half a second on 2 cores.
         embeddings = getattr(self.knowledge, "embeddings", None)
         assert embeddings is not None
         with self._sentence_lock:
             missing = [t for t in dict.fromkeys(texts) if t not in self._sentence_vectors]
-        computed = dict(zip(missing, embeddings.embed_documents(missing))) if missing else {}
+        computed = dict(zip(missing, embeddings.embed_documents(missing), strict=True)) if missing else {}
         with self._sentence_lock:
             self._sentence_vectors.update(computed)
             vectors = [computed.get(t) or self._sentence_vectors[t] for t in texts]

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--max-steps", type=int)
     training.add_argument("--out", help="adapter folder (default: adapters/<id>)")
     training.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=None,
-                          help="train on the 4-bit base (default) or, with --no-qlora, on the fp32 base")
+                          help="train on the 4-bit base (QLoRA) or, with --no-qlora, on the fp32 base "
+                               "(default: the domain's training.qlora, else QLoRA)")
     training.add_argument("--force", action="store_true", help="replace an existing adapter")
     training.set_defaults(run=cmd_train)
 

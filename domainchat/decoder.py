@@ -7,9 +7,10 @@ bfloat16 for the CPU's matrix units) and batched one-token decode steps (bitsand
 
 Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
 calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching
-sequences and fusing layers is where the speed is (docs/bench.md has the figures). Decode steps do the same arithmetic as the transformers path (same kernels, same
-dtypes, same order; a test checks greedy outputs match token for token when the prompt is
-prefilled with transformers' kernel too). The default prefill uses bfloat16 matrix multiplies
+sequences and fusing layers is where the speed is (docs/bench.md has the figures). Decode steps
+do the same arithmetic as the transformers path (same kernels, same dtypes, same order; a test
+checks greedy outputs match token for token when the prompt is prefilled with transformers' kernel
+too). The default prefill uses bfloat16 matrix multiplies
 instead, as accurate against float32 but not bit-equal, so a near-tie may resolve differently.
 
 It knows nothing of chat, sampling or scheduling: the batcher gives it token ids, caches and
@@ -108,7 +109,7 @@ class FusedLinear:
         plain_absmax = absmax.float().t().contiguous().reshape(-1)
         if len(layers) > 1:  # let the model's layers share the fused storage instead of keeping a copy
             offset = 0
-            for layer, width in zip(layers, splits):
+            for layer, width in zip(layers, splits, strict=True):
                 layer.weight.data = packed[offset:offset + width]
                 offset += width
         return cls(packed, absmax, _unpack_cpu_layout(packed, n, k), plain_absmax, states[0].code,
@@ -254,7 +255,8 @@ class LeanDecoder:
             return f"the model is a {type(inner).__name__}, not a LlamaForCausalLM"
         if next(inner.parameters()).device.type != "cpu":
             return "the model is not on the CPU"
-        if getattr(inner.config, "rope_scaling", None) and inner.config.rope_scaling.get("rope_type", "default") != "default":
+        rope_scaling = getattr(inner.config, "rope_scaling", None)
+        if rope_scaling and rope_scaling.get("rope_type", "default") != "default":
             return "the model uses scaled rotary embeddings"
         if not isinstance(inner.lm_head, torch.nn.Linear) or inner.lm_head.weight.dtype != torch.float32:
             return "the output layer is not a float32 Linear"
@@ -305,7 +307,7 @@ class LeanDecoder:
         a, bs, scales, prescale = stack
         h = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))
         rank_start = column = 0
-        for b, scale in zip(bs, scales):
+        for b, scale in zip(bs, scales, strict=True):
             rank, width = b.shape[2], b.shape[1]
             part = h[:, :, rank_start:rank_start + rank]
             if prescale:
@@ -324,7 +326,7 @@ class LeanDecoder:
         h = x @ group.a.t()
         rank_start = column = 0
         prescale = group.prescale
-        for b, scale in zip(group.b, group.scales):
+        for b, scale in zip(group.b, group.scales, strict=True):
             rank, width = b.shape[1], b.shape[0]
             part = h[:, rank_start:rank_start + rank]
             delta = (part * scale) @ b.t() if prescale else (part @ b.t()) * scale
@@ -347,7 +349,8 @@ class LeanDecoder:
                 if like is None:
                     stacks[key] = None
                 elif len(groups) == 1:
-                    stacks[key] = (like.a.unsqueeze(0), tuple(b.unsqueeze(0) for b in like.b), like.scales, like.prescale)
+                    stacks[key] = (like.a.unsqueeze(0), tuple(b.unsqueeze(0) for b in like.b), like.scales,
+                                   like.prescale)
                 else:
                     a = torch.stack([g.a if g is not None else torch.zeros_like(like.a) for g in groups])
                     bs = tuple(torch.stack([g.b[i] if g is not None else torch.zeros_like(like.b[i]) for g in groups])
@@ -474,9 +477,9 @@ def _lora_groups(block, adapter: str) -> dict[str, LoraGroup]:
         targeted = [adapter in getattr(layer, "lora_A", {}) for layer in layers]
         if not any(targeted):
             continue
-        rank = next(layer.lora_A[adapter].weight.shape[0] for layer, hit in zip(layers, targeted) if hit)
+        rank = next(layer.lora_A[adapter].weight.shape[0] for layer, hit in zip(layers, targeted, strict=True) if hit)
         a_parts, b_parts, scales = [], [], []
-        for layer, hit in zip(layers, targeted):
+        for layer, hit in zip(layers, targeted, strict=True):
             state = _base_layer(layer).weight.quant_state
             if hit:
                 a_parts.append(layer.lora_A[adapter].weight.detach())
@@ -506,7 +509,7 @@ def _pad_ranks(loras: dict[str, list[dict[str, LoraGroup]]]) -> None:
                 if all(rank == widest[key, i] for i, rank in enumerate(group.ranks)):
                     continue
                 a_parts, b_parts, start = [], [], 0
-                for i, (b, rank) in enumerate(zip(group.b, group.ranks)):
+                for i, (b, rank) in enumerate(zip(group.b, group.ranks, strict=True)):
                     extra = widest[key, i] - rank
                     a_parts.append(torch.cat([group.a[start:start + rank], group.a.new_zeros(extra, group.a.shape[1])]))
                     b_parts.append(torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1).contiguous())

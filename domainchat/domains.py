@@ -146,7 +146,7 @@ def _check_template(reader: _Reader, template: str) -> None:
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:
-        raise reader.fail("answer_template", f"is not a valid template ({exc}); write braces as {{{{ }}}}.")
+        raise reader.fail("answer_template", f"is not a valid template ({exc}); write braces as {{{{ }}}}.") from None
     if names != TEMPLATE_FIELDS:
         raise reader.fail(
             "answer_template",

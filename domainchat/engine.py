@@ -233,7 +233,8 @@ class Engine:
                 self._forward(torch.tensor([prefix_ids], device=self.device), adapter, cache)
             return cache
 
-        return copy.deepcopy(self._prefixes.get_or_build(("transformers", adapter, prefix_ids), compute)), len(prefix_ids)
+        cached = self._prefixes.get_or_build(("transformers", adapter, prefix_ids), compute)
+        return copy.deepcopy(cached), len(prefix_ids)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -335,7 +336,8 @@ class Engine:
         if not self.available(adapter):
             raise BadInput(f"Adapter '{adapter}' cannot be used.")
         prompt = self.encode(messages)
-        reply = self.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt").to(self.device)
+        reply = self.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt")
+        reply = reply.to(self.device)
         ids = torch.cat([prompt, reply], dim=1)
         if ids.shape[1] > self.context_window:
             raise TooLarge(f"{ids.shape[1]} tokens exceed the model's context window ({self.context_window}).")

@@ -24,8 +24,8 @@ from pathlib import Path
 from domainchat import safety
 from domainchat.chat import Assistant, drain
 from domainchat.domains import Domain, GroundingSettings
-from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput
+from domainchat.generation import GenerationParams
 from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer, unsupported_numbers
 from domainchat.knowledge import Passage, bm25_tokens
 
@@ -183,7 +183,8 @@ def summary(samples: Sequence[dict]) -> dict:
             "oracle_ceiling": _mean([s["oracle"] for s in samples]),
             "unsupported_numbers_per_answer": _mean([len(s["unsupported_numbers"]) for s in samples]),
             "citation_rate": _mean([s["citations"] > 0 for s in samples]),
-            "citation_precision": round(sum(s["citations_supported"] for s in samples) / citations, 3) if citations else None,
+            "citation_precision": (round(sum(s["citations_supported"] for s in samples) / citations, 3)
+                                   if citations else None),
             "words_mean": _mean([s["words"] for s in samples]),
             "words_max": max(s["words"] for s in samples),
             "answered": len(samples)}
@@ -293,12 +294,13 @@ def counterfactual_items(items: Sequence[EvalItem], mapping: dict[str, str]) -> 
     return changed
 
 
-def memorized_rate(samples: Sequence[dict], originals: dict[str, EvalItem], changed: dict[str, EvalItem]) -> float | None:
+def memorized_rate(samples: Sequence[dict], originals: dict[str, EvalItem],
+                   changed: dict[str, EvalItem]) -> float | None:
     """The share of answers that give a key fact's original figure without its changed one."""
     memorized = 0
     for sample in samples:
         answer = sample["answer"].lower()
-        pairs = zip(originals[sample["id"]].key_facts, changed[sample["id"]].key_facts)
+        pairs = zip(originals[sample["id"]].key_facts, changed[sample["id"]].key_facts, strict=True)
         memorized += any(b.lower() in answer and a.lower() not in answer for b, a in pairs if a != b)
     return round(memorized / len(samples), 3) if samples else None
 
@@ -406,11 +408,14 @@ def markdown(report: dict) -> str:
         r = entry["retrieval"]
         risk = entry.get("risk", {})
         ppl = entry.get("perplexity", {})
-        cells = [f"{risk['trigger_rate']} of {risk['checks']} ({len(risk['false_triggers'])})" if risk.get("checks") else "–",
+        risk_cell = (f"{risk['trigger_rate']} of {risk['checks']} ({len(risk['false_triggers'])})"
+                     if risk.get("checks") else "–")
+        cells = [risk_cell,
                  f"{ppl['base']} → {ppl['adapter']} ({ppl.get('ratio')})" if ppl.get("adapter") else "–"]
         for c in configs:
             g = entry["generation"][c]
-            cells.append("–" if g.get("key_fact_recall") is None else f"{g['key_fact_recall']} / {g.get('citation_rate')}")
+            recall = g.get("key_fact_recall")
+            cells.append("–" if recall is None else f"{recall} / {g.get('citation_rate')}")
         lines.append(f"| {domain_id} | {r['hit_at_k']} | {r['mrr']} | {r['abstention_out_of_scope']} | "
                      f"{r['false_abstention']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -446,7 +451,7 @@ def side_by_side(report: dict, domain_id: str, left: str = "base+rag", right: st
     if "samples" not in generation.get(left, {}) or "samples" not in generation.get(right, {}):
         return None
     lines = [f"# {domain_id}: {left} versus {right}", ""]
-    for a, b in list(zip(generation[left]["samples"], generation[right]["samples"]))[:count]:
+    for a, b in list(zip(generation[left]["samples"], generation[right]["samples"], strict=True))[:count]:
         lines += [f"## {a['id']}: {a['question']}", "",
                   f"**{left}** (key facts {a['recall']}):", "", "> " + a["answer"].replace("\n", "\n> "), "",
                   f"**{right}** (key facts {b['recall']}):", "", "> " + b["answer"].replace("\n", "\n> "), ""]
@@ -484,7 +489,8 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     domains = list(report["domains"])
     configs = sorted({c for d in report["domains"].values() for c in d["generation"]}, key=list(CONFIGS).index)
     if configs:
-        series = {c: [report["domains"][d]["generation"][c].get("key_fact_recall") or 0 for d in domains] for c in configs}
+        series = {c: [report["domains"][d]["generation"][c].get("key_fact_recall") or 0 for d in domains]
+                  for c in configs}
         written.append(_bar_chart(out_dir / "key_facts.png", domains, series,
                                   "Key facts in generated answers, per configuration", "key-fact recall"))
     for domain_id in domains:

@@ -130,18 +130,18 @@ def select_evidence(
     idf = {t: math.log(1 + (total + 0.5) / (sum(t in s for s in token_sets) + 0.5)) for t in terms}
     weight = sum(idf.values()) or 1.0
     lexical = [sum(idf[t] * (1.0 if t in s else 0.5 if t in h else 0.0) for t in terms) / weight
-               for s, h in zip(token_sets, heading_sets)]
+               for s, h in zip(token_sets, heading_sets, strict=True)]
     semantic = [0.0] * total
     if embed is not None:
         vectors = embed([question] + [s for _, _, s in candidates])
         query = vectors[0]
-        semantic = [sum(a * b for a, b in zip(query, v)) for v in vectors[1:]]
+        semantic = [sum(a * b for a, b in zip(query, v, strict=True)) for v in vectors[1:]]
     # A question after an amount, a time or a limit is answered by a sentence that states a number.
     wants_number = bool(_ASKS_FOR_NUMBER.search(question))
     ranked = sorted(
         (Evidence(number, sentence, round(LEXICAL_WEIGHT * lex + SEMANTIC_WEIGHT * sem + RANK_BONUS / number
                                           + (NUMBER_BONUS if wants_number and NUMBER.search(sentence) else 0.0), 4))
-         for (number, _, sentence), lex, sem in zip(candidates, lexical, semantic)),
+         for (number, _, sentence), lex, sem in zip(candidates, lexical, semantic, strict=True)),
         key=lambda e: e.score, reverse=True)
     chosen: list[Evidence] = []
     for evidence in ranked:

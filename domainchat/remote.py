@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator
 
 import httpx
 
-from domainchat.generation import DEFAULT_PARAMS, AdapterStatus, GenerationParams, Messages
 from domainchat.errors import BadInput, Busy, ConfigError, ModelUnavailable, TooLarge
+from domainchat.generation import DEFAULT_PARAMS, AdapterStatus, GenerationParams, Messages
 from domainchat.settings import DEFAULTS, Settings
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ class RemoteEngine:
         """Yield the server's reply to `messages` piece by piece; closing the iterator or setting
         `cancel` closes the connection, which stops the server's generation too."""
         if not self.available(adapter):
-            raise BadInput(f"Adapter '{adapter}' cannot be used: {self.adapters[adapter].reason if adapter in self.adapters else 'unknown'}.")
+            reason = self.adapters[adapter].reason if adapter in self.adapters else "unknown"
+            raise BadInput(f"Adapter '{adapter}' cannot be used: {reason}.")
         body = self._request(messages, adapter, params, reply_start)
         try:
             with self._client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
@@ -165,7 +166,8 @@ class RemoteEngine:
                         return
                     chunk = json.loads(data)
                     if "error" in chunk:
-                        raise ModelUnavailable(f"The generation server stopped: {chunk['error'].get('message', chunk['error'])}")
+                        detail = chunk["error"].get("message", chunk["error"])
+                        raise ModelUnavailable(f"The generation server stopped: {detail}")
                     for choice in chunk.get("choices", []):
                         piece = (choice.get("delta") or {}).get("content")
                         if piece:

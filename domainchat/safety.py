@@ -67,19 +67,20 @@ def clean_history(history: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 # Each pattern matches within one sentence; the sentence (or tag block) is replaced, the rest of
 # the document is kept. Patterns are specific on purpose: the shipped knowledge base must not
 # trigger any of them (tests/test_safety.py checks it), since a false positive deletes facts.
+# One pattern per line, however long: a regex split across lines is harder to read and to check.
 _INJECTION_PATTERNS = [
-    r"\b(ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(previous|prior|above|preceding|earlier|all|any|your|the system|these|those|other)\b[^.!?\n]{0,30}\b(instructions?|prompts?|rules?|directions?|guidelines?|context|messages?|text|policies|polic(y|ies))",
+    r"\b(ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(previous|prior|above|preceding|earlier|all|any|your|the system|these|those|other)\b[^.!?\n]{0,30}\b(instructions?|prompts?|rules?|directions?|guidelines?|context|messages?|text|policies|polic(y|ies))",  # noqa: E501
     r"\b(new|updated|real|actual|hidden|secret|important) (system )?(instructions?|directives?|orders)\s*[:\-]",
     r"\b(you are now|from now on,? you|you must now|you will now|act as if you|pretend (to be|you are)|roleplay as)\b",
-    r"\b(forget|ignore|disregard)\b (everything|all|anything)( that was| you were| you've been)?( said| told| written)? (above|before|so far|previously|earlier)",
+    r"\b(forget|ignore|disregard)\b (everything|all|anything)( that was| you were| you've been)?( said| told| written)? (above|before|so far|previously|earlier)",  # noqa: E501
     r"\byour (only|new|real|true|actual) (task|job|role|goal|purpose|instruction) (is|now)\b",
     r"^\s*(assistant|ai|chatbot|bot|llm)\s*[:,]\s+\w+",
-    r"\b(reveal|print|repeat|output|show|display|tell me|disclose|leak|dump|recite|list)\b[^.!?\n]{0,40}\b(system prompt|(your|the) (hidden |initial |original |secret )?(instructions|prompt|configuration|rules)|other documents?|all (the )?documents?|every document|the passages?|(your|the) knowledge base)",
-    r"\b(always|only|must)\s+(respond|reply|answer|say|begin|start|end|finish|append|include|add)\b[^.!?\n]{0,60}(\"|'|“|‘|\bwith\b|\bthe (word|phrase|code|text|string|link|url)\b)",
+    r"\b(reveal|print|repeat|output|show|display|tell me|disclose|leak|dump|recite|list)\b[^.!?\n]{0,40}\b(system prompt|(your|the) (hidden |initial |original |secret )?(instructions|prompt|configuration|rules)|other documents?|all (the )?documents?|every document|the passages?|(your|the) knowledge base)",  # noqa: E501
+    r"\b(always|only|must)\s+(respond|reply|answer|say|begin|start|end|finish|append|include|add)\b[^.!?\n]{0,60}(\"|'|“|‘|\bwith\b|\bthe (word|phrase|code|text|string|link|url)\b)",  # noqa: E501
     r"\b(respond|reply|answer|say|end|begin|start)\b[^.!?\n]{0,30}\b(with|by saying|exactly)\b[^.!?\n]{0,20}(\"|'|“|‘)",
-    r"\b(when|if) (asked|the user asks|a user asks|anyone asks)\b[^.!?\n]{0,80}\b(say|respond|reply|answer|tell|include|print|output|send)\b",
-    r"\b(send|post|forward|upload|append|attach|include|transmit|exfiltrate)\b[^.!?\n]{0,60}\b(the |this |their |user'?s? |)(question|conversation|chat|query|prompt|message|history)\b[^.!?\n]{0,40}\b(to|into|in)\b[^.!?\n]{0,40}(https?://|\burl\b|\blink\b|\bendpoint\b|\bserver\b)",
-    r"\b(assistant|ai|chatbot|language model|llm|model)s?\b[^.!?\n]{0,30}\b(must|should|shall|are required to|need to)\b[^.!?\n]{0,40}\b(ignore|disregard|reveal|say|respond|reply|output|print|include|append)\b",
+    r"\b(when|if) (asked|the user asks|a user asks|anyone asks)\b[^.!?\n]{0,80}\b(say|respond|reply|answer|tell|include|print|output|send)\b",  # noqa: E501
+    r"\b(send|post|forward|upload|append|attach|include|transmit|exfiltrate)\b[^.!?\n]{0,60}\b(the |this |their |user'?s? |)(question|conversation|chat|query|prompt|message|history)\b[^.!?\n]{0,40}\b(to|into|in)\b[^.!?\n]{0,40}(https?://|\burl\b|\blink\b|\bendpoint\b|\bserver\b)",  # noqa: E501
+    r"\b(assistant|ai|chatbot|language model|llm|model)s?\b[^.!?\n]{0,30}\b(must|should|shall|are required to|need to)\b[^.!?\n]{0,40}\b(ignore|disregard|reveal|say|respond|reply|output|print|include|append)\b",  # noqa: E501
 ]
 _INJECTION = re.compile("|".join(f"(?:{p})" for p in _INJECTION_PATTERNS), re.IGNORECASE)
 # Role and control markup of chat templates, and fake system tags: never data.

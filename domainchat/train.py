@@ -68,8 +68,9 @@ class TrainingConfig:
             config = cls(**values)
         except TypeError as exc:
             raise ConfigError(f"{where}' is invalid: {exc}.") from None
-        checks = [("rank", 1 <= config.rank <= 256), ("alpha", config.alpha > 0), ("learning_rate", 0 < config.learning_rate < 1),
-                  ("epochs", config.epochs > 0), ("batch_size", config.batch_size >= 1),
+        checks = [("rank", 1 <= config.rank <= 256), ("alpha", config.alpha > 0),
+                  ("learning_rate", 0 < config.learning_rate < 1), ("epochs", config.epochs > 0),
+                  ("batch_size", config.batch_size >= 1),
                   ("max_length", 64 <= config.max_length <= 8192), ("held_out", 0 <= config.held_out < 0.5),
                   ("max_steps", config.max_steps is None or config.max_steps >= 1)]
         for key, ok in checks:

@@ -25,7 +25,9 @@ Conversation = list[tuple[str, str]]  # (user, assistant) turns of one domain
 SessionState = dict[str, Any]  # {"histories": {domain_id: Conversation}}
 
 CSS = """
-#notices .risk, #notices .abstain, #notices .adapter, #notices .error {padding: 6px 10px; border-radius: 6px; margin: 4px 0;}
+#notices .risk, #notices .abstain, #notices .adapter, #notices .error {
+  padding: 6px 10px; border-radius: 6px; margin: 4px 0;
+}
 #notices .risk {background: #fde8e8; border-left: 4px solid #c81e1e;}
 #notices .abstain {background: #fdf6b2; border-left: 4px solid #c27803;}
 #notices .adapter, #notices .error {background: #e1effe; border-left: 4px solid #1c64f2;}
@@ -40,7 +42,8 @@ def format_sources(passages: list[Passage]) -> str:
     blocks = []
     for number, passage in enumerate(passages, start=1):
         quoted = "\n".join(f"> {html.escape(line)}" for line in passage.text.splitlines() if line.strip())
-        blocks.append(f"**[{number}] {html.escape(passage.title)}** — `{passage.source}` (score {passage.score:.2f})\n\n{quoted}")
+        heading = f"**[{number}] {html.escape(passage.title)}** — `{passage.source}` (score {passage.score:.2f})"
+        blocks.append(f"{heading}\n\n{quoted}")
     return "\n\n".join(blocks)
 
 
@@ -129,7 +132,8 @@ def build(assistant: Assistant) -> gr.Blocks:
         state["histories"][domain_id] = []
         return [], format_sources([]), "", state
 
-    def upload(files: list[str] | None, domain_id: str, progress: gr.Progress = gr.Progress()) -> str:
+    # Gradio finds the progress tracker by this default value, so the call in the default is its API.
+    def upload(files: list[str] | None, domain_id: str, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
         if not files:
             return "Choose one or more files first."
         if len(files) > max_files:
@@ -158,7 +162,8 @@ def build(assistant: Assistant) -> gr.Blocks:
 
     with gr.Blocks(title="domainchat") as demo:
         state = gr.State(lambda: {"histories": {}})
-        gr.Markdown("# domainchat\nPick a domain, then ask. Answers cite the knowledge base and say so when it has nothing.")
+        gr.Markdown("# domainchat\nPick a domain, then ask. "
+                    "Answers cite the knowledge base and say so when it has nothing.")
         with gr.Row():
             domain = gr.Dropdown(choices=[(d.title, d.id) for d in domains.values()], value=first,
                                  label="Domain", elem_id="domain", scale=1)
