@@ -16,8 +16,9 @@ from typing import Any
 import gradio as gr
 
 from domainchat.chat import Assistant, Done, Notice, Sources, Token
+from domainchat.documents import MAX_FILE_BYTES, SUPPORTED_SUFFIXES
 from domainchat.errors import DomainchatError
-from domainchat.knowledge import SUPPORTED_SUFFIXES, MAX_FILE_BYTES, Passage
+from domainchat.knowledge import Passage
 
 MAX_UPLOAD_FILES = 20
 CHAT_CONCURRENCY = 4  # streams interleave token by token in the engine
