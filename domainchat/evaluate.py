@@ -27,7 +27,8 @@ from domainchat.domains import Domain, GroundingSettings
 from domainchat.errors import BadInput
 from domainchat.generation import GenerationParams
 from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer, unsupported_numbers
-from domainchat.knowledge import Passage, bm25_tokens
+from domainchat.knowledge import Passage
+from domainchat.lexical import bm25_tokens
 
 EVAL_FILE = "eval.jsonl"
 UNSEEN_DIR = "unseen"  # domains/<id>/unseen/: knowledge/ and eval.jsonl that no adapter was trained on

@@ -18,7 +18,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from domainchat.knowledge import Passage, bm25_tokens
+from domainchat.knowledge import Passage
+from domainchat.lexical import bm25_tokens
 
 Embed = Callable[[list[str]], list[list[float]]]
 

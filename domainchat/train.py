@@ -134,15 +134,13 @@ def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> t
         return passages, example.answer.replace(CITE, "")
     position = next((i for i, p in enumerate(passages) if p.source == example.source), None)
     if position is None:
-        stored = store.vectorstore(domain.id).get(where={"source": example.source}, include=["documents", "metadatas"])
-        if not stored["ids"]:
+        chunks = store.passages_of(domain.id, example.source)
+        if not chunks:
             raise BadInput(f"train.jsonl:{example.line}: source '{example.source}' is not in the '{domain.id}' knowledge base.")
         query = store.embeddings.embed_query(example.question)
-        vectors = store.embeddings.embed_documents(stored["documents"])
-        best = max(range(len(vectors)), key=lambda i: sum(a * b for a, b in zip(vectors[i], query)))
-        meta = stored["metadatas"][best]
-        source_passage = Passage(id=stored["ids"][best], source=example.source, title=meta.get("title", example.source),
-                                 score=0.0, text=stored["documents"][best])
+        vectors = store.embeddings.embed_documents([c.text for c in chunks])
+        best = max(range(len(vectors)), key=lambda i: sum(a * b for a, b in zip(vectors[i], query, strict=True)))
+        source_passage = chunks[best]
         passages = passages[: max(domain.retrieval.k - 1, 0)]
         position = random.Random(example.line).randrange(len(passages) + 1)  # not always last
         passages.insert(position, source_passage)

@@ -16,8 +16,9 @@ from typing import Any
 import gradio as gr
 
 from domainchat.chat import Assistant, Done, Notice, Transcript
+from domainchat.documents import MAX_FILE_BYTES, SUPPORTED_SUFFIXES
 from domainchat.errors import DomainchatError
-from domainchat.knowledge import MAX_FILE_BYTES, SUPPORTED_SUFFIXES, Passage
+from domainchat.knowledge import Passage
 
 QUEUE_MAX_SIZE = 32  # beyond this, Gradio answers "queue is full, try again"
 

@@ -6,18 +6,11 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, minimal_pdf, wait_for_http
+from test_documents import BAD_FILES, ROTH, write
 
-from domainchat import knowledge
+from domainchat import documents, knowledge
 from domainchat.knowledge import KnowledgeStore
 
-ROTH = """# Roth IRA basics
-
-## Roth IRA contributions
-A Roth IRA is funded with money that has already been taxed. In 2025 the contribution limit is $7,000.
-
-## Roth IRA withdrawals
-Qualified withdrawals are tax-free after age 59 and a half, once the account is five years old.
-"""
 BUDGET = """# Budgeting
 
 ## The 50/30/20 rule
@@ -25,15 +18,12 @@ Spend 50% of take-home pay on needs, 30% on wants and put 20% toward savings and
 """
 
 
-def write(folder: Path, name: str, content: str | bytes) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return path
-
-
 def stored_ids(store: KnowledgeStore, domain: str) -> list[str]:
-    return sorted(store.vectorstore(domain).get()["ids"])
+    return sorted(i for entry in store.sources(domain).values() for i in entry["ids"])
+
+
+def stored_texts(store: KnowledgeStore, domain: str) -> list[str]:
+    return [p.text for source in store.sources(domain) for p in store.passages_of(domain, source)]
 
 
 def test_ingest_all_formats_with_stable_ids(store: KnowledgeStore, tmp_path: Path) -> None:
@@ -47,10 +37,10 @@ def test_ingest_all_formats_with_stable_ids(store: KnowledgeStore, tmp_path: Pat
     assert report.errors == [] and report.files == 4 and report.chunks_added >= 5
     ids = stored_ids(store, "finance")
     assert any(i.startswith("roth.md:0:") for i in ids) and any(i.startswith("apr.pdf:0:") for i in ids)
-    texts = " ".join(store.vectorstore("finance").get()["documents"])
+    texts = " ".join(stored_texts(store, "finance"))
     assert "evil()" not in texts and "300 to 850" in texts and "annual percentage rate" in texts
     # Headings travel with the chunk: a section is found by its subject.
-    assert any("Roth IRA withdrawals" in t for t in store.vectorstore("finance").get()["documents"])
+    assert any("Roth IRA withdrawals" in t for t in stored_texts(store, "finance"))
 
     again = store.ingest("finance", [docs])
     assert (again.chunks_added, again.chunks_removed, again.chunks_unchanged) == (0, 0, report.chunks_added)
@@ -103,7 +93,8 @@ def test_hybrid_search_finds_exact_terms_and_scores_similarity(store: KnowledgeS
     folder = tmp_path / "docs"
     write(folder, "roth.md", ROTH)
     write(folder, "budget.md", BUDGET)
-    write(folder, "codes.md", "# Error codes\n\n## Code KX-4471\nThe thermostat shows KX-4471 when its C-wire is loose.")
+    write(folder, "codes.md",
+          "# Error codes\n\n## Code KX-4471\nThe thermostat shows KX-4471 when its C-wire is loose.")
     store.ingest("support", [folder])
     best = store.search("support", "KX-4471", 1)[0]
     assert best.source == "codes.md"
@@ -127,30 +118,7 @@ def test_langchain_retriever_composes(store: KnowledgeStore, tmp_path: Path) -> 
     assert documents and documents[0].metadata["source"] == "roth.md" and documents[0].id.startswith("roth.md:")
 
 
-def zip_bomb() -> bytes:
-    """A zip archive whose one member inflates 1,000-fold (50 MB of zeros in ~50 KB)."""
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("report.pdf", b"\0" * 50_000_000)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "message"),
-    [
-        ("slides.pptx", b"PK\x03\x04", "unsupported file type"),
-        ("empty.md", b"", "no text found"),
-        ("latin1.txt", "café crème".encode("latin-1"), "not UTF-8"),
-        ("broken.pdf", b"%PDF-1.4\nthis is not really a pdf", "not a readable PDF"),
-        ("binary.md", b"\x00\x01\x02ELF\x00\x00", "binary"),
-        ("blank.pdf", minimal_pdf(""), "no text found"),
-        ("bomb.pdf", zip_bomb(), "not a readable PDF"),
-        ("noise.md", bytes(range(128, 256)) * 64, "not UTF-8"),
-    ],
-)
+@pytest.mark.parametrize(("name", "content", "message"), BAD_FILES)
 def test_bad_files_get_a_clear_error_and_lose_nothing(
     store: KnowledgeStore, tmp_path: Path, name: str, content: bytes, message: str
 ) -> None:
@@ -164,22 +132,6 @@ def test_bad_files_get_a_clear_error_and_lose_nothing(
     after = stored_ids(store, "finance")
     assert set(before) <= set(after) and len(after) == len(set(after))
     assert any(i.startswith("budget.md:") for i in after)
-
-
-def test_file_size_limit(store: KnowledgeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(knowledge, "MAX_FILE_BYTES", 1024)
-    report = store.ingest("finance", [write(tmp_path, "big.md", "# Big\n\n" + "word " * 400)])
-    assert report.files == 0 and "is over the 1.0 KB limit; split it" in report.errors[0]["error"]
-
-
-def test_too_many_files_in_one_ingest(store: KnowledgeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(knowledge, "MAX_FILES_PER_INGEST", 3)
-    folder = tmp_path / "many"
-    for i in range(5):
-        write(folder, f"note{i}.txt", f"Note number {i} about savings.")
-    report = store.ingest("finance", [folder])
-    assert report.files == 3 and len(report.errors) == 2
-    assert all("at most 3 files" in e["error"] for e in report.errors)
 
 
 def test_missing_path(store: KnowledgeStore, tmp_path: Path) -> None:
@@ -235,7 +187,7 @@ def test_instruction_like_text_is_flagged_and_neutralized_at_ingest(store, tmp_p
                                "OWNED-1234.\n\nCard payments are free.")
     report = store.ingest("finance", [tmp_path / "fees.md"])
     assert report.flagged == [{"file": "fees.md", "findings": 1}] and report.files == 1 and not report.errors
-    stored = " ".join(store.vectorstore("finance").get(include=["documents"])["documents"])
+    stored = " ".join(stored_texts(store, "finance"))
     assert NEUTRALIZED in stored and "OWNED-1234" not in stored and "25 dollars" in stored and "Card payments" in stored
 
 
@@ -274,7 +226,7 @@ def test_sigkill_mid_ingest_leaves_whole_files_and_a_re_ingest_finishes(tmp_path
     process.wait(timeout=30)
 
     store = KnowledgeStore.open(home, None, embeddings)  # opens: the dead process's lock is gone
-    expected = {f.name: {c.id for c in knowledge.file_chunks(f, f.name, "cli")} for f in sorted(folder.iterdir())}
+    expected = {f.name: {c.id for c in documents.file_chunks(f, f.name, "cli")} for f in sorted(folder.iterdir())}
     stored = store.sources("finance")
     assert 0 < len(stored) < len(expected), "the kill must land mid-ingest for this test to mean anything"
     for source, entry in stored.items():
@@ -312,11 +264,11 @@ def test_right_to_left_emoji_and_odd_names_are_plain_text(store: KnowledgeStore,
     assert store.search("finance", "صندوق الطوارئ", 1)[0].source == "arabic.md"
 
 
-def test_a_huge_single_line_is_split_or_refused(store: KnowledgeStore, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    line = "interest " * 20_000  # 180 KB without a newline
-    monkeypatch.setattr(knowledge, "MAX_CHUNKS_PER_FILE", 50)
-    report = store.ingest("finance", [write(tmp_path, "line.txt", line)])
-    assert report.files == 0 and "chunks is over the 50 limit; split the file" in report.errors[0]["error"]
-    monkeypatch.setattr(knowledge, "MAX_CHUNKS_PER_FILE", 1000)
-    assert all(len(c.text) <= knowledge.CHUNK_CHARS + 40 for c in knowledge.file_chunks(tmp_path / "line.txt", "line.txt", "cli"))
+
+def test_passages_of_a_file_are_its_stored_chunks(store: KnowledgeStore, tmp_path: Path) -> None:
+    store.ingest("finance", [write(tmp_path, "roth.md", ROTH), write(tmp_path, "budget.md", BUDGET)])
+    passages = store.passages_of("finance", "roth.md")
+    assert {p.id for p in passages} == set(store.sources("finance")["roth.md"]["ids"])
+    assert {(p.source, p.title, p.score) for p in passages} == {("roth.md", "Roth IRA basics", 0.0)}
+    assert any("Roth IRA withdrawals" in p.text and "tax-free" in p.text for p in passages)
+    assert store.passages_of("finance", "absent.md") == [] and store.passages_of("legal", "roth.md") == []

@@ -156,3 +156,23 @@ def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Pa
     prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
     assert ids[: len(prompt)] == list(prompt) and all(label == -100 for label in labels[: len(prompt)])
     assert tokenizer.decode(ids[len(prompt):], skip_special_tokens=True).strip() == example.answer
+
+
+def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domain, tmp_path: Path) -> None:
+    """With k=1 and another file winning retrieval, the example's own file supplies the passage it cites."""
+    from domainchat.train import Example, _cite_passages
+
+    domain, store = tiny_domain
+    other = tmp_path / "other.md"
+    other.write_text("# Zorblax interest rates\n\nWhat interest does a Zorblax account pay? See the rate card.")
+    store.ingest("zorblax", [other])
+    narrow = dataclasses.replace(domain, retrieval=dataclasses.replace(domain.retrieval, k=1))
+    question = "What interest does a Zorblax account pay?"
+    assert [p.source for p in store.search("zorblax", question, 1)] == ["other.md"]
+    example = Example(kind="grounded", question=question, answer="It pays 4.5 percent [cite].",
+                      source="zorblax.md", line=3)
+    passages, answer = _cite_passages(store, narrow, example)
+    assert [p.source for p in passages] == ["zorblax.md"] and answer == "It pays 4.5 percent [1]."
+    assert "4.5 percent" in passages[0].text and passages[0].id in store.sources("zorblax")["zorblax.md"]["ids"]
+    with pytest.raises(BadInput, match="source 'absent.md' is not in the 'zorblax' knowledge base"):
+        _cite_passages(store, narrow, dataclasses.replace(example, source="absent.md"))
