@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from domainchat.errors import BadInput
@@ -141,7 +142,9 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         from domainchat.generation import GenerationParams
 
         progress("time to first token")
-        one_token = GenerationParams(max_new_tokens=1, temperature=0.0)
+        # Plain greedy, as the naive generate baseline decodes: no penalty, no n-gram ban.
+        plain = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+        one_token = replace(plain, max_new_tokens=1)
         short = [{"role": "system", "content": registry.get(usable[0]).system_prompt},
                  {"role": "user", "content": "What is APR?"}]
         report["ttft_short_s"] = round(statistics.median(
@@ -162,7 +165,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
             _timed_stream(engine, rendered.messages, adapter, one_token, fixed)[0] for _ in range(runs)), 3)
 
         progress("decode")
-        decode = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
+        decode = replace(plain, max_new_tokens=64)
         prompt = DECODE_PROMPT
         report["decoder"] = engine.decoder_name
         ours = []
@@ -174,7 +177,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         report["decode_speedup_vs_naive"] = round(report["decode_tokens_per_s"] / naive_rate, 2)
 
         progress("concurrency")
-        burst = GenerationParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
+        burst = replace(plain, max_new_tokens=48)
 
         def session(name: str, counts: list[int]) -> None:
             counts.append(_timed_stream(engine, prompt, name, burst)[2])

@@ -123,7 +123,7 @@ class Admission:
 
 
 class KnowledgeBase(Protocol):
-    def search(self, domain_id: str, question: str, k: int) -> list[Passage]: ...
+    def search(self, domain_id: str, question: str, k: int, context: str | None = None) -> list[Passage]: ...
     def count(self, domain_id: str) -> int: ...
     def ingest(self, domain_id: str, paths: Sequence[Path], *, origin: str = "cli",
                progress: Callable[[int, int, str], None] | None = None) -> IngestReport: ...
@@ -241,11 +241,19 @@ class Assistant:
                          "adapter_loaded": False, "adapter_status": None, "chunks": 0, "error": reason})
         return rows
 
-    def retrieve(self, domain: Domain, question: str) -> list[Passage]:
+    def candidates(self, domain: Domain, question: str, history: Sequence[tuple[str, str]] = ()) -> list[Passage]:
+        """The domain's k best passages for `question`, before any threshold. In a conversation the
+        previous question is searched too and both rankings are fused, so that a follow-up such as
+        "Can I cancel it later?" finds what "it" was about."""
+        if self.knowledge is None:
+            return []
+        context = history[-1][0] if history else None
+        return self.knowledge.search(domain.id, question, domain.retrieval.k, context=context)
+
+    def retrieve(self, domain: Domain, question: str, history: Sequence[tuple[str, str]] = ()) -> list[Passage]:
         """The passages an answer may use: the best k at or above the domain's min_score ([] = abstain),
         with instruction-like text neutralized."""
-        assert self.knowledge is not None
-        found = self.knowledge.search(domain.id, question, domain.retrieval.k)
+        found = self.candidates(domain, question, history)
         # Screened again here: a store written by an older version or by another tool was not.
         return [replace(p, text=safety.screen_document_text(p.text).text)
                 for p in found if p.score >= domain.retrieval.min_score]
@@ -345,7 +353,7 @@ class Assistant:
         passages: list[Passage] | None = None
         if use_retrieval and self.knowledge is not None:
             t0 = time.perf_counter()
-            passages = self.retrieve(domain, question)
+            passages = self.retrieve(domain, question, history)
             timing["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not passages:
                 yield Notice("abstain", "Nothing in this domain's knowledge base matches the question.")

@@ -62,6 +62,8 @@ class EvalItem:
     key_facts: tuple[str, ...] = ()
     reference_answer: str | None = None
     expect_rule: str | None = None  # a risk question: the id of the rule it must trigger
+    # Earlier (user, assistant) turns: the question is a follow-up that only makes sense after them.
+    history: tuple[tuple[str, str], ...] = ()
 
 
 def load_eval(domain: Domain, path: Path | None = None) -> list[EvalItem]:
@@ -81,6 +83,7 @@ def load_eval(domain: Domain, path: Path | None = None) -> list[EvalItem]:
                 id=str(raw["id"]), question=str(raw["question"]), answerable=bool(raw["answerable"]),
                 source=raw.get("source"), key_facts=tuple(raw.get("key_facts", ())),
                 reference_answer=raw.get("reference_answer"), expect_rule=raw.get("expect_rule"),
+                history=tuple((str(user), str(reply)) for user, reply in raw.get("history", ())),
             ))
         except (ValueError, KeyError, TypeError) as exc:
             raise BadInput(f"{path}:{number}: not a valid eval line ({type(exc).__name__}: {exc}).") from None
@@ -125,17 +128,35 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(statistics.mean(values), 3) if values else None
 
 
+def _rank_of(source: str | None, passages: Sequence[Passage]) -> int | None:
+    sources = [p.source for p in passages]
+    return sources.index(source) + 1 if source in sources else None
+
+
+def followup_metrics(assistant: Assistant, domain: Domain, items: Sequence[EvalItem]) -> dict:
+    """hit@k of the follow-up questions (those with a history) as served, where retrieval also sees
+    the previous question, beside the follow-up searched alone, in the same run."""
+    followups = [i for i in items if i.history and i.answerable]
+    if not followups:
+        return {}
+    served = [_rank_of(i.source, assistant.candidates(domain, i.question, i.history)) for i in followups]
+    alone = [_rank_of(i.source, assistant.candidates(domain, i.question)) for i in followups]
+    return {"followups": len(followups),
+            "followup_hit_at_k": round(sum(r is not None for r in served) / len(followups), 3),
+            "followup_hit_at_k_question_only": round(sum(r is not None for r in alone) / len(followups), 3)}
+
+
 def retrieval_metrics(assistant: Assistant, domain: Domain, items: Sequence[EvalItem]) -> dict:
+    """hit@k, MRR and abstention of the single questions (follow-ups: followup_metrics)."""
     k = domain.retrieval.k
     ranks, top_scores_in, top_scores_out = [], [], []
     for item in items:
-        if item.expect_rule:
+        if item.expect_rule or item.history:
             continue  # a risk question gets its rule's fixed response before any retrieval
-        passages = assistant.knowledge.search(domain.id, item.question, k) if assistant.knowledge else []
+        passages = assistant.candidates(domain, item.question)
         top = max((p.score for p in passages), default=0.0)
         if item.answerable:
-            sources = [p.source for p in passages]
-            ranks.append(sources.index(item.source) + 1 if item.source in sources else None)
+            ranks.append(_rank_of(item.source, passages))
             top_scores_in.append(top)
         else:
             top_scores_out.append(top)
@@ -150,6 +171,7 @@ def retrieval_metrics(assistant: Assistant, domain: Domain, items: Sequence[Eval
         "abstention_out_of_scope": round(
             sum(s < domain.retrieval.min_score for s in top_scores_out) / (len(top_scores_out) or 1), 3),
         "false_abstention": round(sum(s < domain.retrieval.min_score for s in top_scores_in) / answerable, 3),
+        **followup_metrics(assistant, domain, items),
     }
 
 
@@ -162,14 +184,15 @@ def generation_metrics(
     for item in items:
         if not item.answerable:
             continue
-        said = drain(assistant.answer(domain.id, item.question, use_retrieval=use_retrieval, use_adapter=use_adapter,
-                                      use_few_shot=use_few_shot, params=EVAL_PARAMS,
+        said = drain(assistant.answer(domain.id, item.question, item.history, use_retrieval=use_retrieval,
+                                      use_adapter=use_adapter, use_few_shot=use_few_shot, params=EVAL_PARAMS,
                                       grounding_settings=None if grounded else UNGROUNDED))
         done, passages = said.done, said.sources
         assert done is not None  # drain raises otherwise
         abstained += done.abstained
         samples.append({"id": item.id, "question": item.question, "answer": done.answer, "adapter": done.adapter,
-                        "sources": [p.source for p in passages], **answer_metrics(done.answer, item, passages)})
+                        "sources": [p.source for p in passages], **answer_metrics(done.answer, item, passages,
+                                                                           [t for turn in item.history for t in turn])})
         if progress:
             progress(f"{domain.id} {config} {len(samples)}")
     return {**summary(samples), "abstained": abstained, "samples": samples}

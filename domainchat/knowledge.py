@@ -304,26 +304,35 @@ class KnowledgeStore:
                 self._lexical[domain_id] = LexicalIndex(stored["ids"], stored["documents"])
             return self._lexical[domain_id]
 
-    def search(self, domain_id: str, question: str, k: int) -> list[Passage]:
-        """The k best passages for the question: vector and BM25 rankings fused by reciprocal rank."""
+    def search(self, domain_id: str, question: str, k: int, context: str | None = None) -> list[Passage]:
+        """The k best passages for the question: vector and BM25 rankings fused by reciprocal rank.
+        With `context` (the previous question of a conversation), the question preceded by it is
+        ranked both ways too, and all four rankings are fused: a follow-up such as "Can I cancel it
+        later?" then finds what "it" was, while a question that changes the subject still finds its
+        own passages. A passage's score is its best similarity to either query."""
         import numpy as np
 
         collection = self._collection(domain_id)
         total = collection.count()
         if total == 0:
             return []
-        query = self.embeddings.embed_query(question)
-        found = collection.query(query_embeddings=[query], n_results=min(CANDIDATES, total),
-                                 include=["documents", "metadatas", "distances"])
-        similarity = {i: 1.0 - d for i, d in zip(found["ids"][0], found["distances"][0], strict=True)}
-        records = {i: (doc, meta)
-                   for i, doc, meta in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], strict=True)}
-        vector_rank = list(found["ids"][0])
-
-        lexical_rank = self._lexical_index(domain_id).top(question, CANDIDATES)
+        queries = [question] if not context else [question, f"{context} {question}"]
+        vectors = [self.embeddings.embed_query(text) for text in queries]
+        similarity: dict[str, float] = {}
+        records: dict[str, tuple[str, dict]] = {}
+        rankings: list[list[str]] = []
+        for text, vector in zip(queries, vectors, strict=True):
+            found = collection.query(query_embeddings=[vector], n_results=min(CANDIDATES, total),
+                                     include=["documents", "metadatas", "distances"])
+            for chunk_id, doc, meta, distance in zip(found["ids"][0], found["documents"][0], found["metadatas"][0],
+                                                     found["distances"][0], strict=True):
+                records[chunk_id] = (doc, meta)
+                similarity[chunk_id] = max(similarity.get(chunk_id, -1.0), 1.0 - distance)
+            rankings.append(list(found["ids"][0]))
+            rankings.append(self._lexical_index(domain_id).top(text, CANDIDATES))
 
         fused: dict[str, float] = {}
-        for ranking in (vector_rank, lexical_rank):
+        for ranking in rankings:
             for rank, chunk_id in enumerate(ranking):
                 fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
         top = self._diverse(sorted(fused, key=fused.get, reverse=True), records, k)
@@ -333,7 +342,7 @@ class KnowledgeStore:
             rows = zip(extra["ids"], extra["documents"], extra["metadatas"], extra["embeddings"], strict=True)
             for chunk_id, doc, meta, emb in rows:
                 records[chunk_id] = (doc, meta)
-                similarity[chunk_id] = float(np.dot(np.asarray(emb), np.asarray(query)))
+                similarity[chunk_id] = max(float(np.dot(np.asarray(emb), np.asarray(v))) for v in vectors)
         passages = []
         for chunk_id in top:
             if chunk_id not in records:  # deleted between the BM25 build and now

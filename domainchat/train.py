@@ -136,7 +136,8 @@ def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> t
     if position is None:
         chunks = store.passages_of(domain.id, example.source)
         if not chunks:
-            raise BadInput(f"train.jsonl:{example.line}: source '{example.source}' is not in the '{domain.id}' knowledge base.")
+            raise BadInput(f"train.jsonl:{example.line}: source '{example.source}' is not in the "
+                           f"'{domain.id}' knowledge base.")
         query = store.embeddings.embed_query(example.question)
         vectors = store.embeddings.embed_documents([c.text for c in chunks])
         best = max(range(len(vectors)), key=lambda i: sum(a * b for a, b in zip(vectors[i], query, strict=True)))

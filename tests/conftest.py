@@ -1,14 +1,59 @@
 """Shared fixtures: a temporary DOMAINCHAT_HOME per session, the real bundled model converted once
-into it, and test adapters made with peft on that real model."""
+into it, test adapters made with peft on that real model, the real MiniLM embedder and, for tests
+about something else, a fake one.
+
+A test that uses a fixture which loads the model, MiniLM, a Chroma server or a browser is marked
+`slow` here (SLOW_FIXTURES), so that `python -m pytest -m "not slow"` stays a quick layer; a test
+that loads one of them by itself carries `pytest.mark.slow` explicitly."""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from domainchat.settings import PROJECT_ROOT, Settings, load_settings
+
+SLOW_FIXTURES = {"base_checkpoint", "test_adapters", "engine", "domain_assistant", "api_url", "embeddings",
+                 "minilm_store", "chroma_server", "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def no_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own DOMAINCHAT_* variables (and SPACE_ID) do not reach any test."""
+    for key in [k for k in os.environ if k.startswith("DOMAINCHAT_") or k == "SPACE_ID"]:
+        monkeypatch.delenv(key)
+
+
+class FakeEmbeddings:
+    """Deterministic 384-dimensional vectors from hashed words, normalized: texts that share words
+    are similar. For tests about storing or composing, not about search quality."""
+
+    DIMENSIONS = 384
+
+    def _vector(self, text: str) -> list[float]:
+        vector = [0.0] * self.DIMENSIONS
+        for word in re.findall(r"[a-z0-9]+", text.lower()):
+            vector[int(hashlib.md5(word.encode()).hexdigest(), 16) % self.DIMENSIONS] += 1.0
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return [self._vector(t) for t in texts]
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._vector(text)
 
 
 @pytest.fixture(scope="session")
@@ -132,8 +177,16 @@ def embeddings():
 
 
 @pytest.fixture
-def store(tmp_path: Path, embeddings):
-    """A fresh embedded Chroma store in a temporary home."""
+def store(tmp_path: Path):
+    """A fresh embedded Chroma store in a temporary home, with fake embeddings."""
+    from domainchat.knowledge import KnowledgeStore
+
+    return KnowledgeStore.open(tmp_path / "home", None, FakeEmbeddings())
+
+
+@pytest.fixture
+def minilm_store(tmp_path: Path, embeddings):
+    """A fresh embedded Chroma store with the real MiniLM embedder: for tests about search."""
     from domainchat.knowledge import KnowledgeStore
 
     return KnowledgeStore.open(tmp_path / "home", None, embeddings)

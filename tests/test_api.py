@@ -9,13 +9,12 @@ from conftest import serve_in_thread
 from fastapi import FastAPI
 
 from domainchat.api import mount_api
-from domainchat.chat import Admission
-from domainchat.chat import Assistant
-from domainchat.generation import GenerationParams
+from domainchat.chat import Admission, Assistant
 from domainchat.errors import Busy
+from domainchat.generation import GenerationParams
 from domainchat.settings import load_settings
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,8 @@ def test_abstention_and_risk_rules_come_through(client: openai.OpenAI, assistant
 
 def test_raw_model_is_the_adapter_alone(client: openai.OpenAI, assistant: Assistant) -> None:
     messages = [{"role": "user", "content": "Name three colours."}]
-    reference = assistant.engine.complete(messages, "finance", GenerationParams(max_new_tokens=16, temperature=0.0,
-                                                                                repetition_penalty=1.1, no_repeat_ngram=4))
+    greedy = GenerationParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
+    reference = assistant.engine.complete(messages, "finance", greedy)
     raw = client.chat.completions.create(model="finance:raw", messages=messages, **GREEDY)
     assert raw.choices[0].message.content == reference and raw.model_extra["adapter"] == "finance"
     base = client.chat.completions.create(model="base:raw", messages=messages, **GREEDY)
@@ -94,14 +93,16 @@ def test_errors_use_the_openai_format(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="finance", messages=[{"role": "user", "content": "a" * 5000}])
     assert too_long.value.status_code == 413
     with pytest.raises(openai.APIStatusError) as too_many:
-        client.chat.completions.create(model="finance", messages=[{"role": "user", "content": "hi"}], max_tokens=100_000)
+        client.chat.completions.create(model="finance", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=100_000)
     assert too_many.value.status_code == 413
 
 
 def test_malformed_json_is_400(client: openai.OpenAI) -> None:
     import httpx
 
-    response = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(f"{client.base_url}chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
 
 
@@ -201,7 +202,7 @@ def test_eight_clients_for_two_minutes_each_get_their_own_domain(client: openai.
     assert max(rss[len(rss) // 3:]) - warm < 256, "memory kept growing after the warm-up"
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_raw_models_continue_a_started_reply(api_url: str) -> None:
     import httpx
 

@@ -11,7 +11,7 @@ from domainchat.base_model import resolve_base
 from domainchat.errors import ModelUnavailable
 from domainchat.settings import Settings, load_settings
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.slow
 
 
 def test_conversion_cache_is_reused(settings: Settings, base_checkpoint: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from domainchat.chat import Admission, Assistant, Done, Notice, Sources, Token, Transcript, drain
 from domainchat.domains import load_registry
-from domainchat.generation import AdapterStatus
 from domainchat.errors import BadInput, Busy, UnknownDomain
+from domainchat.generation import AdapterStatus
 from domainchat.settings import load_settings
 
 
@@ -44,7 +44,8 @@ class RecordingEngine:
 def assistant(store, tmp_path: Path, domains_dir: Path) -> Assistant:
     folder = tmp_path / "knowledge"
     folder.mkdir()
-    (folder / "ira.md").write_text("# IRAs\n\n## Roth IRA\nA Roth IRA holds after-tax money; the 2025 limit is $7,000.\n")
+    (folder / "ira.md").write_text("# IRAs\n\n## Roth IRA\n"
+                                   "A Roth IRA holds after-tax money; the 2025 limit is $7,000.\n")
     store.ingest("finance", [folder])
     engine = RecordingEngine({"finance": AdapterStatus("finance", tmp_path, True),
                               "legal": AdapterStatus("legal", tmp_path, False, "adapter unavailable: corrupt")})
@@ -128,7 +129,8 @@ def test_few_shot_examples_go_to_the_base_model_only(assistant: Assistant) -> No
 def test_reference_nll_scores_the_prompt_answer_would_send(assistant: Assistant) -> None:
     for use_adapter in (True, False):
         run(assistant, "finance", "What is the Roth IRA limit?", use_adapter=use_adapter)
-        assert assistant.reference_nll("finance", "What is the Roth IRA limit?", "It is $7,000.", use_adapter) == (1.0, 2)
+        scored_nll = assistant.reference_nll("finance", "What is the Roth IRA limit?", "It is $7,000.", use_adapter)
+        assert scored_nll == (1.0, 2)
         answered, scored = assistant.engine.calls[-2:]
         assert answered == scored
 
@@ -170,7 +172,8 @@ def test_remote_generation_loads_no_model(store, tmp_path: Path) -> None:
 
     settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path), "DOMAINCHAT_LLM_URL": "http://127.0.0.1:9"})
     assistant = Assistant.start(settings, knowledge=store)
-    assert isinstance(assistant.engine, RemoteEngine) and set(assistant.engine.adapters) == set(assistant.registry.domains)
+    assert isinstance(assistant.engine, RemoteEngine)
+    assert set(assistant.engine.adapters) == set(assistant.registry.domains)
 
 
 def test_grounding_levers_can_be_turned_off(assistant: Assistant) -> None:

@@ -36,7 +36,7 @@ def test_missing_arguments_is_exit_2() -> None:
     assert exited.value.code == 2
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_ask_json_answers_through_the_adapter(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["ask", "--domain", "finance", "--json", "--no-retrieval", "What is a Roth IRA?"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -47,7 +47,7 @@ def test_ask_json_answers_through_the_adapter(cli_env: Path, capsys: pytest.Capt
     assert any(n["kind"] == "disclaimer" for n in result["notices"])
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_domains_json(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["domains", "--json"]) == 0
     rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
@@ -86,7 +86,7 @@ def test_eval_bad_configuration_fails_before_loading_anything(capsys: pytest.Cap
     assert "Unknown domain" in capsys.readouterr().err
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_bench_with_an_empty_knowledge_base_is_exit_2_before_measuring(
         monkeypatch: pytest.MonkeyPatch, settings, base_checkpoint: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture) -> None:
@@ -112,7 +112,7 @@ ASK_RUNS = 20
 QUOTED = "Late payments stay on a credit report for seven years in most cases."
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_ask_exits_cleanly_every_time(settings, test_adapters, tmp_path: Path) -> None:
     """`ask` runs to a clean exit, including answers cut short by the prompt-repeat check: finance's
     system prompt here quotes its only document, so an answer that opens with that sentence as
@@ -140,7 +140,8 @@ def test_ask_exits_cleanly_every_time(settings, test_adapters, tmp_path: Path) -
     withheld = 0
     for run in range(ASK_RUNS):
         cut_short = run % 2 == 0
-        args = ["How long do late payments stay on a credit report?"] if cut_short else ["--no-retrieval", "What is APR?"]
+        question = "How long do late payments stay on a credit report?"
+        args = [question] if cut_short else ["--no-retrieval", "What is APR?"]
         done = subprocess.run([sys.executable, "-m", "domainchat", "ask", "--domain", "finance", "--json", *args],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"run {run} exited {done.returncode}: {done.stderr[-2000:]}"

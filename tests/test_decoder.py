@@ -10,26 +10,27 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from domainchat.decoder import LeanDecoder
 from domainchat.batcher import Request
+from domainchat.decoder import LeanDecoder
 from domainchat.engine import Engine
 from domainchat.generation import GenerationParams
 from domainchat.sampling import Sampler
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.slow
 
 PROMPTS = [
     [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
     [{"role": "system", "content": "You are a careful assistant for personal finance questions."},
      {"role": "user", "content": "What is an index fund and why do people buy one?"}],
 ]
-GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
 
 
 @pytest.fixture
 def lean(engine: Engine) -> LeanDecoder:
     if engine._decoder is None:
-        pytest.skip("the lean decoder needs bitsandbytes' CPU layout (a CPU with AVX512-BF16)")
+        pytest.skip("lean decoder off: it needs bitsandbytes' AVX512-BF16 4-bit layout and this CPU lacks "
+                    "avx512_bf16; the transformers path that serves here is tested in test_engine.py")
     return engine._decoder
 
 
@@ -71,7 +72,7 @@ def test_a_batch_row_gets_exactly_what_it_would_get_alone(engine: Engine, lean: 
             token = int(lean.prefill(ids, cache, adapter)[0].argmax())
             alone.append((token, lean._step_layers([token], [cache], [adapter])[0]))
         caches = [lean.new_cache(len(ids) + 4) for _ in adapters]
-        for cache, adapter in zip(caches, adapters):
+        for cache, adapter in zip(caches, adapters, strict=True):
             lean.prefill(ids, cache, adapter)
         tokens = [token for token, _ in alone]
         batched = lean._step_layers(tokens, caches, adapters)
@@ -98,8 +99,10 @@ def test_concurrent_streams_are_batched_and_each_matches_its_solo_answer(engine:
 
     lean.step = recording_step
     try:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.complete(PROMPTS[1], adapters[i], GREEDY)))
-                   for i in range(len(adapters))]
+        def answer(i: int) -> None:
+            results[i] = engine.complete(PROMPTS[1], adapters[i], GREEDY)
+
+        threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(adapters))]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -175,10 +178,12 @@ def test_shared_prefix_is_computed_once_and_agrees_with_the_whole_prompt(engine:
 
 
 def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDecoder) -> None:
+    short = GenerationParams(max_new_tokens=4, temperature=0.0, no_repeat_ngram=0)
+    before = engine.complete(PROMPTS[0], "alpha", short)
     broken = Request([10**9], None, Sampler(GREEDY), None, ())  # a token id the model does not have
     with pytest.raises(IndexError):
         list(engine._batcher.run(broken))
-    assert engine.complete(PROMPTS[0], "alpha", GenerationParams(max_new_tokens=4, temperature=0.0)).strip()
+    assert engine.complete(PROMPTS[0], "alpha", short) == before and engine.count_tokens(before) == 4
 
 
 def test_declines_a_model_it_does_not_understand() -> None:

@@ -43,7 +43,8 @@ def test_markdown_table() -> None:
     assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | – | – | 0.5 / 0.25 | – |" in table
     report["domains"]["finance"]["perplexity"] = {"base": 9.0, "adapter": 6.0, "ratio": 0.667}
     report["domains"]["finance"]["risk"] = {"checks": 4, "trigger_rate": 0.75, "missed": ["r1"], "false_triggers": []}
-    assert "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 0.75 of 4 (0) | 9.0 → 6.0 (0.667) | 0.5 / 0.25 | – |" in markdown(report)
+    row = "| finance | 1.0 | 0.9 | 1.0 | 0.0 | 0.75 of 4 (0) | 9.0 → 6.0 (0.667) | 0.5 / 0.25 | – |"
+    assert row in markdown(report)
 
 
 def test_side_by_side_pairs_answers_of_two_configurations(tmp_path: Path) -> None:
@@ -71,7 +72,8 @@ def test_risk_checks_count_misses_and_false_triggers(domains_dir: Path) -> None:
              EvalItem("r2", "What is a normal resting heart rate?", False, expect_rule="chest_pain"),
              EvalItem("q1", "How long does a cold last?", True),
              EvalItem("q2", "What does crushing chest pain mean?", True)]
-    assert risk_metrics(medical, items) == {"checks": 2, "trigger_rate": 0.5, "missed": ["r2"], "false_triggers": ["q2"]}
+    expected = {"checks": 2, "trigger_rate": 0.5, "missed": ["r2"], "false_triggers": ["q2"]}
+    assert risk_metrics(medical, items) == expected
 
 
 def test_shipped_risk_questions_name_real_rules(domains_dir: Path) -> None:
@@ -80,7 +82,7 @@ def test_shipped_risk_questions_name_real_rules(domains_dir: Path) -> None:
         assert len(checks) >= 3 and {i.expect_rule for i in checks} <= {r.id for r in domain.risk_rules}, domain.id
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_eval_refuses_to_measure_what_is_missing(domain_assistant) -> None:
     """A configuration that needs an adapter, for a domain without one, or a domain whose knowledge
     base is empty: a clear error that says what to do, before any answer is generated."""
@@ -96,7 +98,7 @@ def test_eval_refuses_to_measure_what_is_missing(domain_assistant) -> None:
         def count(self, domain_id: str) -> int:
             return 0
 
-        def search(self, domain_id: str, question: str, k: int) -> list:
+        def search(self, domain_id: str, question: str, k: int, context: str | None = None) -> list:
             return []
 
     empty = Assistant(domain_assistant.settings, domain_assistant.registry, domain_assistant.engine, EmptyKnowledge())
@@ -146,9 +148,46 @@ def test_unseen_company_eval_is_valid(domains_dir: Path) -> None:
     folder = domains_dir / "customer_service" / "unseen"
     items = load_eval(domain, folder / "eval.jsonl")
     assert len(items) >= 25 and all(i.answerable for i in items)
-    shipped = "\n".join(p.read_text(encoding="utf-8") for p in (domains_dir.parent / "knowledge" / "customer_service").glob("*.md"))
+    shipped_folder = domains_dir.parent / "knowledge" / "customer_service"
+    shipped = "\n".join(p.read_text(encoding="utf-8") for p in shipped_folder.glob("*.md"))
     training = (domains_dir / "customer_service" / "train.jsonl").read_text(encoding="utf-8")
     for item in items:
         text = (folder / "knowledge" / item.source).read_text(encoding="utf-8").lower()
         assert item.key_facts and all(f.lower() in text for f in item.key_facts), item.id
         assert not any(f.lower() in shipped.lower() or f.lower() in training.lower() for f in item.key_facts), item.id
+
+
+def test_followups_are_measured_as_served_and_alone(tmp_path) -> None:
+    """A follow-up's hit@k with the previous question in the search, beside the question alone;
+    single questions keep their own hit@k."""
+    from domainchat.chat import Assistant
+    from domainchat.domains import load_registry
+    from domainchat.evaluate import load_eval, retrieval_metrics
+    from domainchat.knowledge import Passage
+    from domainchat.settings import PROJECT_ROOT, load_settings
+
+    class TopicKnowledge:  # finds poa.md only when "attorney" is in the question or its context
+        def count(self, domain_id: str) -> int:
+            return 1
+
+        def search(self, domain_id: str, question: str, k: int, context: str | None = None) -> list:
+            said = f"{context or ''} {question}".lower()
+            source = "poa.md" if "attorney" in said else "other.md"
+            return [Passage(f"{source}:0:x", source, source, 0.9, "text")]
+
+    lines = [
+        '{"id": "s1", "question": "What is a power of attorney?", "answerable": true, "source": "poa.md"}',
+        '{"id": "f1", "question": "Can I cancel it later?", "answerable": true, "source": "poa.md", '
+        '"history": [["What is a power of attorney?", "A document that lets someone act for you."]]}',
+    ]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path)})
+    registry = load_registry(PROJECT_ROOT / "domains")
+    items = load_eval(registry.get("legal"), path)
+    assert items[1].history == (("What is a power of attorney?", "A document that lets someone act for you."),)
+    assistant = Assistant(settings, registry, engine=None, knowledge=TopicKnowledge())  # type: ignore[arg-type]
+    metrics = retrieval_metrics(assistant, registry.get("legal"), items)
+    assert (metrics["answerable"], metrics["hit_at_k"]) == (1, 1.0)
+    assert metrics["followups"] == 1
+    assert (metrics["followup_hit_at_k"], metrics["followup_hit_at_k_question_only"]) == (1.0, 0.0)

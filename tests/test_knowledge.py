@@ -89,20 +89,37 @@ def test_domains_are_isolated(store: KnowledgeStore, tmp_path: Path) -> None:
             assert (f"{domain}-only.md" in found) == (domain == other), (domain, other)
 
 
-def test_hybrid_search_finds_exact_terms_and_scores_similarity(store: KnowledgeStore, tmp_path: Path) -> None:
+def test_hybrid_search_finds_exact_terms_and_scores_similarity(minilm_store: KnowledgeStore, tmp_path: Path) -> None:
     folder = tmp_path / "docs"
     write(folder, "roth.md", ROTH)
     write(folder, "budget.md", BUDGET)
     write(folder, "codes.md",
           "# Error codes\n\n## Code KX-4471\nThe thermostat shows KX-4471 when its C-wire is loose.")
-    store.ingest("support", [folder])
-    best = store.search("support", "KX-4471", 1)[0]
+    minilm_store.ingest("support", [folder])
+    best = minilm_store.search("support", "KX-4471", 1)[0]
     assert best.source == "codes.md"
-    roth = store.search("support", "How much can I put into a Roth IRA each year?", 4)
+    roth = minilm_store.search("support", "How much can I put into a Roth IRA each year?", 4)
     assert roth[0].source == "roth.md" and roth[0].score > 0.4
     assert all(0 <= p.score <= 1 for p in roth)
-    off_topic = store.search("support", "Who won the football world cup in 1998?", 4)
+    off_topic = minilm_store.search("support", "Who won the football world cup in 1998?", 4)
     assert max(p.score for p in off_topic) < 0.3
+
+
+def test_a_follow_up_finds_its_topic_through_the_previous_question(minilm_store: KnowledgeStore,
+                                                                   tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    write(folder, "poa.md", "# Power of attorney\n\nA power of attorney lets an agent act for you. You can revoke "
+                            "it at any time while you have capacity, in writing, and tell the agent.")
+    write(folder, "orders.md", "# Orders\n\nYou can cancel an order later from your account page, before it ships.")
+    write(folder, "budget.md", BUDGET)
+    minilm_store.ingest("conversation", [folder])
+    follow_up = "Can I cancel it later?"
+    assert minilm_store.search("conversation", follow_up, 1)[0].source == "orders.md"  # alone, the words win
+    found = minilm_store.search("conversation", follow_up, 1, context="What is a power of attorney?")
+    assert found[0].source == "poa.md" and 0 <= found[0].score <= 1
+    changed_subject = minilm_store.search("conversation", "How much of my pay goes to wants?", 1,
+                                   context="What is a power of attorney?")
+    assert changed_subject[0].source == "budget.md", "a new subject still finds its own passage"
 
 
 def test_one_file_cannot_crowd_out_the_others(store: KnowledgeStore, tmp_path: Path) -> None:

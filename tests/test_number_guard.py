@@ -14,7 +14,7 @@ from domainchat.generation import GenerationParams
 from domainchat.grounding import numbers_in
 from domainchat.number_guard import NumberGuard
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.slow
 ALLOWED = frozenset({"6.99", "1,000", "30"})
 
 

@@ -3,14 +3,18 @@ domainchat serving `<domain>:raw`, against the local engine; and a generation se
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
+
+import httpx
 import pytest
 from conftest import free_port
 
 from domainchat import prompts
 from domainchat.chat import Assistant, Done, Notice
 from domainchat.domains import GroundingSettings
+from domainchat.errors import BadInput, Busy, ConfigError, ModelUnavailable, TooLarge
 from domainchat.generation import GenerationParams
-from domainchat.errors import ModelUnavailable
 from domainchat.remote import RemoteEngine, api_root
 from domainchat.settings import load_settings
 
@@ -30,7 +34,7 @@ def front(domain_assistant: Assistant, api_url: str) -> Assistant:
     return Assistant(domain_assistant.settings, domain_assistant.registry, engine, domain_assistant.knowledge)
 
 
-@pytest.mark.model
+@pytest.mark.slow
 @pytest.mark.parametrize("domain_id", ["finance", "legal"])
 def test_front_gives_the_local_engines_greedy_answers(front: Assistant, domain_assistant: Assistant,
                                                       domain_id: str) -> None:
@@ -50,7 +54,7 @@ def test_front_gives_the_local_engines_greedy_answers(front: Assistant, domain_a
         assert start and done.adapter == adapter and local.strip() and done.answer == (start + local).strip()
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_an_adapter_the_server_lacks_falls_back_to_its_base_with_a_notice(front: Assistant) -> None:
     assert front.engine.adapters["finance"].loaded
     assert not front.engine.adapters["medical"].loaded  # the backend has no medical adapter
@@ -86,3 +90,95 @@ def test_a_reply_start_is_sent_as_a_final_message_to_continue() -> None:
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
     plain = engine._request([{"role": "user", "content": "q"}], "finance", GenerationParams())
     assert "continue_final_message" not in plain and len(plain["messages"]) == 1
+
+
+def test_the_front_modules_import_no_torch() -> None:
+    """chat, api, ui and remote use generation.py's types: a front whose model runs on a generation
+    server loads torch only for the embedder, not for these modules' imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys, domainchat.chat, domainchat.api, domainchat.remote, domainchat.ui; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert loaded.stdout.strip() == "[]"
+
+
+def mock_server(chat: Callable[[httpx.Request], httpx.Response], served: Sequence[str] = ("finance", "base")):
+    """A generation server in-process: /models lists `served`, /chat/completions answers with `chat`."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": m} for m in served]})
+        return chat(request)
+
+    return RemoteEngine("http://gpu:8000", ["finance", "legal"], transport=httpx.MockTransport(handle))
+
+
+def sse(*chunks: str) -> httpx.Response:
+    lines = [f"data: {json.dumps({'choices': [{'delta': {'content': c}}]})}" for c in chunks] + ["data: [DONE]"]
+    return httpx.Response(200, text="\n\n".join(lines) + "\n\n", headers={"content-type": "text/event-stream"})
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_a_mock_server_streams_pieces_and_lists_its_adapters() -> None:
+    engine = mock_server(lambda request: sse("The fee ", "is 12% [1]."))
+    assert engine.available("finance") and not engine.available("legal")
+    assert engine.adapters["legal"].reason == "the generation server does not serve 'legal'"
+    assert list(engine.stream(HI, "finance")) == ["The fee ", "is 12% [1]."]
+    with pytest.raises(BadInput, match="Adapter 'legal' cannot be used: the generation server does not serve"):
+        engine.complete(HI, "legal")
+
+
+@pytest.mark.parametrize(("status", "error", "words"), [
+    (404, ModelUnavailable, "does not serve model 'finance'.*DOMAINCHAT_LLM_ADAPTER_NAME.*no such model"),
+    (429, Busy, "is busy; try again"),
+    (413, TooLarge, "refused the request as too large: no such model"),
+    (400, BadInput, "refused the request: no such model"),
+    (422, BadInput, "refused the request"),
+    (401, ConfigError, "refused our credentials: set DOMAINCHAT_LLM_API_KEY"),
+    (403, ConfigError, "DOMAINCHAT_LLM_API_KEY"),
+    (500, ModelUnavailable, r"failed \(HTTP 500\): no such model"),
+])
+def test_server_errors_become_messages_a_user_can_act_on(status: int, error: type, words: str) -> None:
+    engine = mock_server(lambda request: httpx.Response(status, json={"error": {"message": "no such model"}}))
+    with pytest.raises(error, match=words):
+        engine.complete(HI, "finance")
+
+
+def test_a_broken_stream_is_a_clear_error() -> None:
+    malformed = mock_server(lambda request: httpx.Response(200, text="data: {not json\n\n"))
+    with pytest.raises(ModelUnavailable, match="sent a malformed stream"):
+        malformed.complete(HI, "finance")
+    stopped = mock_server(lambda request: httpx.Response(200, text='data: {"error": {"message": "out of memory"}}\n\n'))
+    with pytest.raises(ModelUnavailable, match="The generation server stopped: out of memory"):
+        stopped.complete(HI, "finance")
+
+
+def test_timeouts_and_lost_connections_say_what_to_do() -> None:
+    def timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(ModelUnavailable, match="did not answer in time; try again"):
+        mock_server(timeout).complete(HI, "finance")
+    with pytest.raises(ModelUnavailable, match=r"not reachable \(ConnectError\); check that it is running"):
+        mock_server(refused).complete(HI, "finance")
+
+
+def test_the_request_carries_the_model_name_and_sampling() -> None:
+    seen: list[dict] = []
+
+    def chat(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return sse("ok")
+
+    engine = mock_server(chat)
+    engine.complete(HI, "finance", GenerationParams(max_new_tokens=7, temperature=0.0, seed=3))
+    engine.complete(HI, None)
+    assert seen[0]["model"] == "finance" and seen[0]["max_tokens"] == 7 and seen[0]["seed"] == 3
+    assert seen[0]["stream"] is True and seen[1]["model"] == "base"

@@ -12,8 +12,8 @@ import yaml
 
 from domainchat.domains import load_domain
 from domainchat.engine import Engine
-from domainchat.generation import GenerationParams
 from domainchat.errors import BadInput, ConfigError
+from domainchat.generation import GenerationParams
 from domainchat.train import TrainingConfig, load_examples, train
 
 KNOWLEDGE = """# Zorblax savings
@@ -46,7 +46,8 @@ def tiny_domain(tmp_path: Path, store) -> tuple:
         {"kind": "abstain", "question": "Who won the 1998 World Cup?", "history": [], "source": None,
          "answer": "The passages do not cover that."},
         {"kind": "followup", "question": "And withdrawals?", "source": "zorblax.md",
-         "history": [{"role": "user", "content": "Tell me about Zorblax."}, {"role": "assistant", "content": "It is a savings account [cite]."}],
+         "history": [{"role": "user", "content": "Tell me about Zorblax."},
+                     {"role": "assistant", "content": "It is a savings account [cite]."}],
          "answer": "Two free withdrawals a month, then 3 dollars each [cite]."},
     ]
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -57,7 +58,7 @@ def tiny_domain(tmp_path: Path, store) -> tuple:
     return load_domain(folder), store
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_a_few_steps_write_an_adapter_that_loads_and_changes_outputs(settings, tiny_domain, tmp_path: Path) -> None:
     domain, store = tiny_domain
     out = tmp_path / "adapter"
@@ -133,7 +134,7 @@ def test_shipped_training_data_parses() -> None:
         assert sources <= knowledge, sources - knowledge
 
 
-@pytest.mark.model
+@pytest.mark.slow
 def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Path, domains_dir: Path) -> None:
     """The adapter learns from exactly what chat sends it: system prompt, passages, no few-shot."""
     from transformers import AutoTokenizer

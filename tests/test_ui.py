@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, wait_for_http
+
 from domainchat.settings import PROJECT_ROOT
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -136,7 +136,8 @@ def test_upload_then_answer_cites_the_new_document(page, tmp_path: Path) -> None
     choose_domain(page, "Legal information")
     doc = tmp_path / "quillfeather-lease-rules.md"
     doc.write_text("# Quillfeather lease rules\n\n## Quillfeather pet deposit\n"
-                   "Under the Quillfeather lease rules, the pet deposit is 275 dollars and is refunded within 21 days.\n")
+                   "Under the Quillfeather lease rules, the pet deposit is 275 dollars "
+                   "and is refunded within 21 days.\n")
     page.locator("#upload-panel").click()
     page.locator("#upload input[type=file]").set_input_files(str(doc))
     page.wait_for_timeout(1000)
