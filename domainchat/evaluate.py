@@ -442,6 +442,12 @@ def markdown(report: dict) -> str:
             cells.append("–" if recall is None else f"{recall} / {g.get('citation_rate')}")
         lines.append(f"| {domain_id} | {r['hit_at_k']} | {r['mrr']} | {r['abstention_out_of_scope']} | "
                      f"{r['false_abstention']} | " + " | ".join(cells) + " |")
+    followups = {d: e["retrieval"] for d, e in report["domains"].items() if e["retrieval"].get("followups")}
+    if followups:
+        lines += ["", "| domain | follow-up questions | hit@k with the previous question | hit@k alone |",
+                  "|---|---|---|---|"]
+        lines += [f"| {d} | {r['followups']} | {r['followup_hit_at_k']} | {r['followup_hit_at_k_question_only']} |"
+                  for d, r in followups.items()]
     return "\n".join(lines) + "\n"
 
 

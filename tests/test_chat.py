@@ -244,3 +244,17 @@ def test_admission_lets_active_plus_waiting_in_and_refuses_the_rest() -> None:
     waiter.join(5)
     assert entered == [True]
     admission.leave()
+
+
+def test_retrieval_sees_the_previous_question(assistant: Assistant, monkeypatch: pytest.MonkeyPatch) -> None:
+    searched: list[tuple[str, str | None]] = []
+    search = assistant.knowledge.search
+
+    def recording(domain_id: str, question: str, k: int, context: str | None = None):
+        searched.append((question, context))
+        return search(domain_id, question, k, context=context)
+
+    monkeypatch.setattr(assistant.knowledge, "search", recording)
+    run(assistant, "finance", "What is the limit?", [("Tell me about the Roth IRA.", "It holds after-tax money [1].")])
+    run(assistant, "finance", "What is the Roth IRA limit?")
+    assert searched == [("What is the limit?", "Tell me about the Roth IRA."), ("What is the Roth IRA limit?", None)]
