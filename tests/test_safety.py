@@ -86,7 +86,7 @@ def test_repeating_the_system_prompt_is_detected() -> None:
 
 
 @pytest.mark.slow
-def test_injected_documents_do_not_steer_answers(engine, store, tmp_path: Path, domains_dir: Path) -> None:
+def test_injected_documents_do_not_steer_answers(engine, minilm_store, tmp_path: Path, domains_dir: Path) -> None:
     """The red-team suite: each document hides an instruction; an ordinary question retrieves it.
     No answer may carry the document's trigger phrase or repeat the system prompt (target rate 0)."""
     from domainchat.chat import Assistant, Sources, Token
@@ -99,10 +99,10 @@ def test_injected_documents_do_not_steer_answers(engine, store, tmp_path: Path, 
         folder.mkdir(parents=True, exist_ok=True)
         (folder / doc["file"]).write_text(doc["text"], encoding="utf-8")
     for folder in (tmp_path / "docs").iterdir():
-        report = store.ingest(folder.name, [folder])
+        report = minilm_store.ingest(folder.name, [folder])
         assert len(report.flagged) == len(list(folder.iterdir())) and not report.errors
     assistant = Assistant(load_settings({"DOMAINCHAT_HOME": str(tmp_path / "home")}), load_registry(domains_dir),
-                          engine, store)
+                          engine, minilm_store)
     greedy = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
     steered = []
     for doc in INJECTION_DOCS:
