@@ -16,6 +16,17 @@ from domainchat.settings import Settings, load_settings
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is a Roth IRA?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings, test_adapters: dict[str, Path]):
+    """A fresh engine for this module instead of the session's: one full run saw 'alpha' answer
+    exactly like the base on the shared engine after the other modules had used it (it passed in
+    isolation and in the previous full run); until that is understood, these checks of routing
+    start from a known state."""
+    made = Engine.start(settings, test_adapters)
+    yield made
+    made.close()
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
 
 
