@@ -2,21 +2,26 @@
 
 Owns: the fused weights (q/k/v as one 4-bit matrix, gate/up as another, so a layer makes four
 matrix calls instead of seven), every adapter's LoRA matrices stacked so that each row of a batch
-can use its own adapter, per-sequence key/value caches, prefill (4-bit weights dequantized to
-bfloat16 for the CPU's matrix units) and batched one-token decode steps (bitsandbytes' 4-bit kernel).
+can use its own adapter, per-sequence key/value caches, prefill and batched one-token decode
+steps. Where the CPU has AVX512-BF16, bitsandbytes repacks nf4 weights into its CPU tile layout and
+the decoder uses its 4-bit kernel for decode steps and bfloat16 copies for prefill (FusedLinear);
+elsewhere (AVX2) it keeps float32 copies of the dequantized weights (DequantizedLinear).
 
 Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
 calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching
 sequences and fusing layers is where the speed is (docs/bench.md has the figures). Decode steps
 do the same arithmetic as the transformers path (same kernels, same dtypes, same order; a test
 checks greedy outputs match token for token when the prompt is prefilled with transformers' kernel
-too). The default prefill uses bfloat16 matrix multiplies
-instead, as accurate against float32 but not bit-equal, so a near-tie may resolve differently.
+too). On AVX512-BF16 the default prefill uses bfloat16 matrix multiplies instead, as accurate
+against float32 but not bit-equal, so a near-tie may resolve differently. On AVX2 bfloat16 has no
+hardware support (a 700-token prefill took 10.8 s in bfloat16, measured), so both prefill and
+decode multiply the float32 copies: a single sequence gets the transformers path's products
+exactly; rows of a batch go through the several-row kernel and agree to ~1e-6.
 
 It knows nothing of chat, sampling or scheduling: the batcher gives it token ids, caches and
 adapter names and gets logits back. It reads the weights of the model the engine loaded (peft +
 bitsandbytes) and shares their storage. `LeanDecoder.build` returns None, with the reason logged,
-for any model it does not understand (not Llama, not nf4 in bitsandbytes' CPU layout, a LoRA
+for any model it does not understand (not Llama, not nf4 in bitsandbytes, a LoRA
 variant such as DoRA), and the engine then uses transformers' forward.
 """
 
@@ -137,13 +142,43 @@ class FusedLinear:
 
 
 @dataclass
+class DequantizedLinear:
+    """Several nf4 linear layers in bitsandbytes' standard layout (CPUs without AVX512-BF16),
+    dequantized once to float32 and multiplied as one matrix.
+
+    There bitsandbytes computes every Linear4bit as "dequantize the whole matrix to float32, then one
+    float32 matrix multiply", at each call: the dequantization is most of a decode step (38 ms of
+    ~100 for the 135M model, measured). Keeping the float32 copy trades ~4 bytes per weight (425 MB
+    for the 135M model) for that time and gives the same products as the transformers path."""
+
+    weight: torch.Tensor  # [N, K] float32
+    splits: tuple[int, ...]
+
+    @classmethod
+    def of(cls, layers: Sequence[torch.nn.Module]) -> DequantizedLinear:
+        from bitsandbytes.functional import dequantize_4bit
+
+        parts = [dequantize_4bit(layer.weight.data, layer.weight.quant_state).float() for layer in layers]
+        return cls(torch.cat(parts) if len(parts) > 1 else parts[0], tuple(int(p.shape[0]) for p in parts))
+
+    def gemv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+Linear = FusedLinear | DequantizedLinear
+
+
+@dataclass
 class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: FusedLinear
-    o: FusedLinear
-    gate_up: FusedLinear
-    down: FusedLinear
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
 
 
 @dataclass
@@ -191,6 +226,9 @@ class KVCache:
 
 class LeanDecoder:
     """Fused forward passes over a loaded 4-bit Llama; see the module docstring."""
+    # On AVX2 a step of the 135M model reads 425 MB of float32 weights: memory bandwidth, not
+    # arithmetic, sets its time (~45 ms a step on one thread and on two alike, measured), and a
+    # bfloat16 copy saved little (40 ms) while making several-row steps slower (133 ms vs 102).
 
     def __init__(self, model, layers: list[LayerWeights], loras: dict[str, list[dict[str, LoraGroup]]]) -> None:
         # "dense": prompts go through bfloat16 matrix multiplies (2.5x faster at 700 tokens and as
@@ -232,6 +270,7 @@ class LeanDecoder:
             log.info("lean decoder off: %s; using transformers' forward", problem)
             return None
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        fuse = FusedLinear.of if _cpu_layout(inner) else DequantizedLinear.of
         layers = []
         for block in inner.model.layers:
             attention, mlp = block.self_attn, block.mlp
@@ -239,8 +278,8 @@ class LeanDecoder:
             base.update({name: _base_layer(getattr(mlp, name)) for name in (*MLP_IN, "down_proj")})
             layers.append(LayerWeights(
                 block.input_layernorm.weight, block.post_attention_layernorm.weight,
-                FusedLinear.of([base[n] for n in ATTENTION]), FusedLinear.of([base["o_proj"]]),
-                FusedLinear.of([base[n] for n in MLP_IN]), FusedLinear.of([base["down_proj"]]),
+                fuse([base[n] for n in ATTENTION]), fuse([base["o_proj"]]),
+                fuse([base[n] for n in MLP_IN]), fuse([base["down_proj"]]),
             ))
         loras: dict[str, list[dict[str, LoraGroup]]] = {}
         for name in _adapter_names(model):
@@ -260,6 +299,7 @@ class LeanDecoder:
             return "the model uses scaled rotary embeddings"
         if not isinstance(inner.lm_head, torch.nn.Linear) or inner.lm_head.weight.dtype != torch.float32:
             return "the output layer is not a float32 Linear"
+        cpu_layout = _cpu_layout(inner)
         for block in inner.model.layers:
             for parent, names in ((block.self_attn, (*ATTENTION, "o_proj")), (block.mlp, (*MLP_IN, "down_proj"))):
                 for name in names:
@@ -267,11 +307,11 @@ class LeanDecoder:
                     state = getattr(getattr(layer, "weight", None), "quant_state", None)
                     if state is None or getattr(state, "quant_type", None) != "nf4":
                         return f"{name} is not a bitsandbytes nf4 layer"
-                    if not getattr(state, "packing_format_for_cpu", False):
-                        return f"{name} is not in bitsandbytes' CPU layout (this CPU lacks AVX512-BF16)"
+                    if bool(getattr(state, "packing_format_for_cpu", False)) != cpu_layout:
+                        return "its layers mix bitsandbytes' CPU and standard layouts"
                     if getattr(layer, "bias", None) is not None:
                         return f"{name} has a bias"
-                    if int(state.shape[0]) % BNB_CPU_BLOCK_N:
+                    if cpu_layout and int(state.shape[0]) % BNB_CPU_BLOCK_N:
                         return f"{name} has {state.shape[0]} outputs, not a multiple of {BNB_CPU_BLOCK_N}"
                     adapted = getattr(parent, name)
                     if any(getattr(adapted, "use_dora", {}).values()) or getattr(adapted, "lora_variant", None):
@@ -461,6 +501,14 @@ class LeanDecoder:
 
 def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "base_layer", module)
+
+
+def _cpu_layout(inner) -> bool:
+    """Whether bitsandbytes repacked the 4-bit weights into its AVX512-BF16 tile layout (it does at
+    the first forward pass on a CPU that has the instructions); if not, they are in its standard
+    layout and the decoder multiplies float32 copies."""
+    state = getattr(_base_layer(inner.model.layers[0].self_attn.q_proj).weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
 
 
 def _adapter_names(model) -> list[str]:

@@ -4,7 +4,7 @@ Owns the model once loaded (base_model.py loads it), attaching every adapter at 
 that each really changes the model (the canary), routing each forward pass to the adapter its
 request asked for, the key/value caches of fixed prompt prefixes, and streaming a reply token by
 token. Generation takes one of two paths. When `decoder.LeanDecoder` understands the model (a Llama
-in nf4 on a CPU with AVX512-BF16; DOMAINCHAT_DECODER=lean, the default), batcher.py's thread runs
+in nf4 on the CPU; DOMAINCHAT_DECODER=lean, the default), batcher.py's thread runs
 every request, the running ones batched into one decode step. Otherwise transformers + peft run one
 request's forward passes at a time under one lock, since peft's active adapter is process-wide:
 concurrent requests take turns token by token, each with its own adapter. Both paths honour the

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from domainchat.batcher import Request
-from domainchat.decoder import LeanDecoder
+from domainchat.decoder import FusedLinear, LeanDecoder
 from domainchat.engine import Engine
 from domainchat.generation import GenerationParams
 from domainchat.sampling import Sampler
@@ -28,9 +28,7 @@ GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty
 
 @pytest.fixture
 def lean(engine: Engine) -> LeanDecoder:
-    if engine._decoder is None:
-        pytest.skip("lean decoder off: it needs bitsandbytes' AVX512-BF16 4-bit layout and this CPU lacks "
-                    "avx512_bf16; the transformers path that serves here is tested in test_engine.py")
+    assert engine._decoder is not None, "the lean decoder should serve the bundled nf4 model on any CPU"
     return engine._decoder
 
 
@@ -59,10 +57,13 @@ def test_sampling_matches_transformers_with_the_same_seed(engine: Engine, exact_
 
 
 def test_a_batch_row_gets_exactly_what_it_would_get_alone(engine: Engine, lean: LeanDecoder) -> None:
-    """Rows with different adapters (and one without) in one step: each row's hidden state is
-    bit-equal to the same sequence decoded alone. The output layer runs as one float32 product for
-    all rows, whose sums round differently from a one-row product (~1e-6; the next token is the
-    same unless two logits tie to that precision)."""
+    """Rows with different adapters (and one without) in one step: with bitsandbytes' AVX512-BF16
+    kernel each row's hidden state is bit-equal to the same sequence decoded alone. The float32
+    copies used on other CPUs go through a matrix multiply whose several-row and one-row kernels
+    sum in different orders (~1e-6 relative), as does the output layer on every CPU: there the
+    rows agree to that precision and pick the same next token (a different token needs two logits
+    tied to ~1e-5)."""
+    bit_equal = isinstance(lean.layers[0].qkv, FusedLinear)
     adapters = ["alpha", None, "beta", "alpha"]
     ids = engine.encode(PROMPTS[0])[0].tolist()
     with torch.no_grad():
@@ -80,7 +81,10 @@ def test_a_batch_row_gets_exactly_what_it_would_get_alone(engine: Engine, lean: 
             cache.length -= 1  # the same step again, through the public call that adds the output layer
         logits = lean.step(tokens, caches, adapters)
     for row, (_, hidden) in enumerate(alone):
-        assert torch.equal(batched[row], hidden), f"row {row} ({adapters[row]}) differs from its solo run"
+        if bit_equal:
+            assert torch.equal(batched[row], hidden), f"row {row} ({adapters[row]}) differs from its solo run"
+        else:
+            assert torch.allclose(batched[row], hidden, rtol=1e-5, atol=1e-4), f"row {row} ({adapters[row]})"
         solo = hidden.unsqueeze(0) @ lean.lm_head.t()
         assert torch.allclose(logits[row], solo[0], atol=1e-4) and int(logits[row].argmax()) == int(solo.argmax())
     assert not torch.equal(batched[0], batched[1]), "the adapter changes the row"
@@ -122,6 +126,9 @@ def test_dense_prefill_is_as_accurate_as_transformers_kernel(engine: Engine, lea
     among float32's top 20 differ from float32 by up to 0.13 (the kernel's by up to 0.30), so a
     near-tie may resolve either way; a CI run saw one 0.068 apart. A wrong dequantization or layout
     gives a KL of several nats and a token many logits below the best."""
+    if not isinstance(lean.layers[0].qkv, FusedLinear):
+        pytest.skip("this CPU keeps float32 copies of the weights: prefill does the transformers path's float32 "
+                    "arithmetic, checked token for token by test_greedy_matches_transformers_token_for_token")
     questions = ["What is a Roth IRA?", "When should I see a doctor about a headache?",
                  "What does a tenant's security deposit cover?", "How do I reset my password?",
                  "What is compound interest?", "Can my landlord keep my deposit?",
