@@ -202,7 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = [c for c in configs if c not in evaluate.CONFIGS]
     if unknown:
         raise BadInput(f"unknown configuration {unknown[0]!r}; choose from {', '.join(evaluate.CONFIGS)}.")
-    registry = load_registry(load_settings().domains_dir)  # fail fast, before loading the model
+    evaluate.check_batch(args.batch)  # fail fast, before loading the model
+    registry = load_registry(load_settings().domains_dir)
     domain_ids = [registry.get(args.domain).id] if args.domain else list(registry.domains)
     for domain_id in domain_ids:
         evaluate.load_eval(registry.get(domain_id))
@@ -211,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = evaluate.run_eval(assistant, domain_ids, configs, args.limit,
                                    progress=lambda what: (bar.set_postfix_str(what), bar.update()),
                                    counterfactual=args.counterfactual, unseen=args.unseen,
-                                   perplexity=not args.no_perplexity)
+                                   perplexity=not args.no_perplexity, batch=args.batch)
     written = evaluate.write_report(report, Path(args.out))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="comma-separated: base, base+rag, base+rag-no-fewshot, adapter, "
                                  "adapter+rag-ungrounded (no evidence opening, no number guard), adapter+rag")
     evaluation.add_argument("--limit", type=int, help="at most this many answerable questions per domain")
+    evaluation.add_argument("--batch", type=int, default=4,
+                            help="questions answered at once, as rows of one decode step (1 to 16; default 4)")
     evaluation.add_argument("--no-perplexity", action="store_true",
                             help="skip the perplexity of the reference answers (minutes per domain on a CPU)")
     evaluation.add_argument("--counterfactual", action="store_true",

@@ -84,6 +84,9 @@ def test_eval_bad_configuration_fails_before_loading_anything(capsys: pytest.Cap
     assert "unknown configuration 'turbo'" in capsys.readouterr().err
     assert main(["eval", "--domain", "astrology"]) == 2
     assert "Unknown domain" in capsys.readouterr().err
+    for batch in ("0", "17"):
+        assert main(["eval", "--batch", batch]) == 2
+        assert f"--batch must be between 1 and 16 (questions answered at once); got {batch}." in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -191,3 +191,32 @@ def test_followups_are_measured_as_served_and_alone(tmp_path) -> None:
     assert (metrics["answerable"], metrics["hit_at_k"]) == (1, 1.0)
     assert metrics["followups"] == 1
     assert (metrics["followup_hit_at_k"], metrics["followup_hit_at_k_question_only"]) == (1.0, 0.0)
+
+
+def test_batched_answers_run_together_and_keep_the_items_order(tmp_path) -> None:
+    """--batch asks several questions at once (so the lean decoder batches them); the samples come back
+    in the eval file's order whatever order the answers finish in. The assistant is a fake: what is
+    tested is the eval's scheduling, not answers."""
+    import threading
+    import time
+
+    from domainchat.chat import Done, Sources
+    from domainchat.evaluate import EvalItem, generation_metrics
+    from domainchat.knowledge import Passage
+    from domainchat.settings import PROJECT_ROOT
+
+    together = threading.Barrier(3, timeout=10)  # fails unless three answers are in flight at once
+
+    class SlowAssistant:
+        def answer(self, domain_id: str, question: str, history=(), **options):
+            together.wait()
+            time.sleep(0.05 * (3 - int(question[-1])))  # the first question finishes last
+            yield Sources([Passage("a.md:0:x", "a.md", "a.md", 0.9, f"Fact {question[-1]}.")])
+            yield Done(f"Fact {question[-1]} [1].", "finance", False)
+
+    items = [EvalItem(f"q{i}", f"Question {i}", True, "a.md", (f"Fact {i}",)) for i in range(3)]
+    domain = load_registry(PROJECT_ROOT / "domains").get("finance")
+    result = generation_metrics(SlowAssistant(), domain, items, "adapter+rag", batch=3)  # type: ignore[arg-type]
+    assert [s["id"] for s in result["samples"]] == ["q0", "q1", "q2"]
+    assert [s["answer"] for s in result["samples"]] == ["Fact 0 [1].", "Fact 1 [1].", "Fact 2 [1]."]
+    assert result["key_fact_recall"] == 1.0 and result["citation_precision"] == 1.0
