@@ -228,11 +228,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from domainchat import bench
+    from domainchat import bench, bench_http
     from domainchat.settings import load_settings
 
-    with tqdm(total=9, desc="bench", file=sys.stderr, disable=args.json) as bar:
-        report = bench.run_bench(load_settings(), progress=lambda what: (bar.set_postfix_str(what), bar.update()))
+    settings = load_settings()
+    with tqdm(total=10 + 5 * args.http, desc="bench", file=sys.stderr, disable=args.json) as bar:
+        def progress(what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update()
+
+        report = bench.run_bench(settings, progress=progress)
+        if args.http:  # after the engine above is closed: the server is the only one generating
+            report.update(bench_http.run_http_bench(settings, progress=progress))
+    bench.check_targets(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -281,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speed and memory; writes bench.json and bench.md")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--out", default="out/bench")
+    bench.add_argument("--http", action="store_true",
+                       help="also start `domainchat serve` and measure it with the OpenAI client, as callers see it")
     bench.set_defaults(run=cmd_bench)
 
     evaluation = sub.add_parser("eval", help="measure retrieval and answer quality on each domain's eval.jsonl")

@@ -4,12 +4,13 @@ always the last one plus one (the lean decoder's own exactness is test_decoder's
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from domainchat.batcher import Batcher, PrefixCache, Request
+from domainchat.batcher import PREFILL_CHUNK, Batcher, PrefixCache, Request
 from domainchat.errors import ModelUnavailable
 from domainchat.generation import GenerationParams
 from domainchat.sampling import Sampler
@@ -31,7 +32,9 @@ class CountingDecoder:
     def __init__(self, step_delay: threading.Event | None = None) -> None:
         self.rows_per_step: list[int] = []
         self.prefills: list[int] = []
+        self.trace: list[tuple[str, int]] = []  # ("prefill", tokens) and ("step", rows), in order
         self.gate = step_delay
+        self.step_seconds = 0.0
 
     def new_cache(self, capacity: int, prefix: FakeCache | None = None) -> FakeCache:
         return FakeCache(prefix.length, prefix.last) if prefix else FakeCache()
@@ -43,6 +46,7 @@ class CountingDecoder:
 
     def prefill(self, ids: list[int], cache: FakeCache, adapter: str | None) -> torch.Tensor:
         self.prefills.append(len(ids))
+        self.trace.append(("prefill", len(ids)))
         cache.length += len(ids)
         cache.last = ids[-1]
         return self._logits(cache.last).unsqueeze(0)
@@ -51,6 +55,8 @@ class CountingDecoder:
         if self.gate is not None:
             self.gate.wait(5)
         self.rows_per_step.append(len(tokens))
+        self.trace.append(("step", len(tokens)))
+        time.sleep(self.step_seconds)
         return torch.stack([self._logits(t) for t in tokens])
 
     def forget_batch(self) -> None:
@@ -149,3 +155,36 @@ def test_prefix_cache_keeps_the_most_recently_used() -> None:
     cache.get_or_build(("c",), lambda: 3)
     assert cache.keys() == [("a",), ("c",)]
 
+
+
+def test_a_lone_prompt_is_prefilled_whole() -> None:
+    decoder = CountingDecoder()
+    batcher = Batcher(decoder, {STOP}, NoNumbers())  # type: ignore[arg-type]
+    try:
+        assert list(batcher.run(request([7] * (5 * PREFILL_CHUNK) + [20]))) == [21, 22, 23, 24, 25]
+    finally:
+        batcher.close()
+    assert decoder.prefills == [5 * PREFILL_CHUNK + 1]
+
+
+def test_a_prompt_arriving_while_others_answer_is_prefilled_in_chunks_between_their_steps() -> None:
+    """A running answer waits for one chunk of a newcomer's prompt at a time, not for all of it; the
+    newcomer's answer is what it would be with a whole prefill."""
+    decoder = CountingDecoder()
+    decoder.step_seconds = 0.01
+    batcher = Batcher(decoder, {STOP}, NoNumbers())  # type: ignore[arg-type]
+    long_prompt = [7] * (3 * PREFILL_CHUNK + 10) + [20]
+    try:
+        running = batcher.run(request([1], GenerationParams(max_new_tokens=40, temperature=0.0,
+                                                             repetition_penalty=1.0, no_repeat_ngram=0)))
+        assert next(running) == 2  # the first answer is decoding
+        assert list(batcher.run(request(long_prompt))) == [21, 22, 23, 24, 25]
+        running.close()
+    finally:
+        batcher.close()
+    chunks = [n for kind, n in decoder.trace[1:] if kind == "prefill"]
+    assert chunks == [PREFILL_CHUNK] * 3 + [11]
+    first_chunk = decoder.trace.index(("prefill", PREFILL_CHUNK))
+    between = decoder.trace[first_chunk:first_chunk + 8]
+    # a decode step of the running answer after every chunk; after the last, the newcomer has a row too
+    assert between[1::2] == [("step", 1)] * 3 + [("step", 2)]

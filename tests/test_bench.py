@@ -1,0 +1,59 @@
+"""Bench measurements that can be checked without the model: what they compute, over fake engines
+whose timing is known."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from domainchat.bench import _stall_while_others_arrive
+from domainchat.generation import GenerationParams
+
+
+class TurnTakingEngine:
+    """Emits a token every 5 ms under one lock; an arriving prompt holds the lock for `prefill_s`
+    before its first token, as a whole-prompt prefill holds a single generation thread."""
+
+    def __init__(self, prefill_s: float) -> None:
+        self.prefill_s = prefill_s
+        self.lock = threading.Lock()
+
+    def stream(self, messages, adapter, params, prefix_messages: int = 0):
+        if messages[0]["content"] == "arrival":
+            with self.lock:
+                time.sleep(self.prefill_s)
+        for _ in range(min(params.max_new_tokens, 200)):
+            with self.lock:
+                time.sleep(0.005)
+            yield "x"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text)
+
+
+def test_stall_is_the_longest_pause_of_the_running_answer_and_ttft_the_last_arrivals() -> None:
+    arrivals = [[{"role": "user", "content": "arrival"}]] * 3
+    running = [{"role": "user", "content": "story"}]
+    params = GenerationParams(temperature=0.0)
+    stall, last = _stall_while_others_arrive(TurnTakingEngine(0.15), running, None, arrivals, 0, params)
+    assert 0.15 <= stall < 1.0  # at least one whole prefill between two of its tokens
+    assert last >= 0.45 - 0.05  # the third arrival waited for all three prefills
+    stall, last = _stall_while_others_arrive(TurnTakingEngine(0.0), running, None, arrivals, 0, params)
+    assert stall < 0.15 and last < 0.15
+
+
+@pytest.mark.slow
+def test_http_bench_measures_a_live_server_with_the_openai_client(api_url: str) -> None:
+    """One run of every client-side figure against a real server (real model, test adapters)."""
+    from domainchat.bench_http import measure
+
+    report = measure(api_url, ["finance", "legal"], ["What is APR?", "What is a Roth IRA?", "What is a budget?"],
+                     runs=1)
+    assert set(report) == {"http_ttft_rag_s", "http_decode_tokens_per_s", "http_one_session_tokens_per_s",
+                           "http_four_sessions_aggregate_tokens_per_s", "http_concurrency_speedup_4_sessions",
+                           "http_stall_max_gap_s_3_rag_arrivals", "http_ttft_last_of_3_rag_arrivals_s"}
+    assert 0 < report["http_ttft_rag_s"] <= report["http_ttft_last_of_3_rag_arrivals_s"] + 5
+    assert report["http_decode_tokens_per_s"] > 1 and report["http_concurrency_speedup_4_sessions"] > 0.5
+    assert report["http_stall_max_gap_s_3_rag_arrivals"] > 0  # the story was still streaming when they came
