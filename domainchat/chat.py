@@ -371,27 +371,51 @@ class Assistant:
         prompt_tokens = rendered.tokens
         if rendered.passages:
             yield Sources(rendered.passages)
+        grounding_settings = grounding_settings or domain.grounding
         reply_start, params = self.ground(question, history, rendered.passages if passages is not None else None,
-                                          params, grounding_settings or domain.grounding)
+                                          params, grounding_settings)
+        # Without an opening the model writes the whole answer, as it always did.
+        continuation = grounding_settings.continuation if reply_start else "free"
 
         pieces: list[str] = [reply_start] if reply_start else []
+        written = ""  # what the model wrote after the opening, shown or not
         first_token_at = None
         fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question
         withheld = False
         if reply_start:
             yield Token(reply_start)
-        for piece in self.engine.stream(rendered.messages, adapter, params, cancel, prefix_messages=fixed,
-                                        reply_start=reply_start):
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-                timing["ttft_ms"] = round((first_token_at - started) * 1000, 1)
-            pieces.append(piece)
-            if safety.repeats_system_prompt("".join(pieces), domain.system_prompt):
-                withheld = True  # leaving the loop closes the stream, which stops generating
-                break
-            yield Token(piece)
+        stream = iter(()) if continuation == "none" else self.engine.stream(
+            rendered.messages, adapter, params, cancel, prefix_messages=fixed, reply_start=reply_start)
+        try:
+            for piece in stream:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    timing["ttft_ms"] = round((first_token_at - started) * 1000, 1)
+                written += piece
+                if continuation == "sentence":
+                    if grounding.first_sentence(written, final=False) is not None:
+                        break  # one sentence is all that may be shown; stop generating
+                    continue
+                pieces.append(piece)
+                if safety.repeats_system_prompt("".join(pieces), domain.system_prompt):
+                    withheld = True
+                    break
+                yield Token(piece)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # closing the engine's stream stops its generation
+        if continuation == "sentence":
+            # Held back until whole, then shown only when a passage backs it: most of what the model
+            # adds after the quoted evidence is backed by none (see GroundingSettings.continuation).
+            sentence = grounding.first_sentence(written, final=True)
+            if sentence and safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt):
+                withheld = True
+            elif sentence and grounding.backed_by(rendered.passages, sentence):
+                pieces.append(sentence)
+                yield Token(sentence)
         answer = "".join(pieces).strip()
-        generated = "".join(pieces)[len(reply_start):].strip()
+        generated = written.strip()
         if withheld:
             yield Notice("risk", "The answer was stopped because it began repeating the assistant's instructions.")
             answer = WITHHELD_ANSWER

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,11 @@ class RetrievalSettings:
     min_score: float = 0.35
 
 
+# What the model may add after the evidence opening: "free" (until it stops or runs out of tokens),
+# "sentence" (its first sentence, shown only when a passage backs it) or "none" (the opening alone).
+CONTINUATIONS = ("free", "sentence", "none")
+
+
 @dataclass(frozen=True)
 class GroundingSettings:
     # The answer opens with this many sentences of the passages, those nearest the question, each
@@ -69,6 +74,10 @@ class GroundingSettings:
     evidence_sentences: int = 3
     # Numbers the passages, question and conversation do not contain cannot be generated.
     number_guard: bool = True
+    # What the model adds after the opening (grounding.CONTINUATIONS): "sentence" shows its first
+    # sentence only when the passages back it. Measured on every eval question: the model's free
+    # continuation added 0.01 key-fact recall, and 47-71 % of its sentences were backed by no passage.
+    continuation: str = "sentence"
 
 
 # The defaults a domain.yaml may leave out (each written once: in its dataclass).
@@ -120,6 +129,12 @@ class _Reader:
             raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, not {value!r}.")
         if not lo <= value <= hi:
             raise self.fail(key, f"is {value}; it must be between {lo} and {hi}.")
+        return value
+
+    def choice(self, key: str, default: str, choices: Sequence[str]) -> str:
+        value = self.data.get(key, default)
+        if value not in choices:
+            raise self.fail(key, f"is {value!r}; use one of {', '.join(choices)}.")
         return value
 
     def flag(self, key: str, default: bool) -> bool:
@@ -250,6 +265,7 @@ def load_domain(folder: Path) -> Domain:
             evidence_sentences=int(grounding.number("evidence_sentences", GROUNDING.evidence_sentences, 0, 5,
                                                     integer=True)),
             number_guard=grounding.flag("number_guard", GROUNDING.number_guard),
+            continuation=grounding.choice("continuation", GROUNDING.continuation, CONTINUATIONS),
         ),
         example_questions=tuple(examples),
         training=dict(training),

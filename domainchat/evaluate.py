@@ -27,9 +27,8 @@ from domainchat.chat import Assistant, Transcript, drain
 from domainchat.domains import Domain, GroundingSettings
 from domainchat.errors import BadInput
 from domainchat.generation import GenerationParams
-from domainchat.grounding import NUMBER, numbers_in, sentences_of_answer, unsupported_numbers
+from domainchat.grounding import NUMBER, backs, numbers_in, sentences_of_answer, unsupported_numbers
 from domainchat.knowledge import Passage
-from domainchat.lexical import bm25_tokens
 
 EVAL_FILE = "eval.jsonl"
 UNSEEN_DIR = "unseen"  # domains/<id>/unseen/: knowledge/ and eval.jsonl that no adapter was trained on
@@ -49,9 +48,6 @@ CITATION = re.compile(r"\[(\d+)\]")
 # Greedy, so runs compare; 128 tokens (~95 words) keeps a full eval of every answerable question
 # within reach of 2 CPU cores, and answers are meant to stay under ~120 words anyway.
 EVAL_PARAMS = GenerationParams(max_new_tokens=128, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
-# A sentence supports its citation [n] when its numbers are all in passage n and at least this
-# share of its content words are too.
-CITATION_WORD_SHARE = 0.5
 # Questions answered at once (--batch). More rows than this gain nothing on a CPU: a decode step of
 # four rows already takes ~2x one row's time on 2 cores (measured).
 MAX_BATCH = 16
@@ -101,16 +97,6 @@ def key_fact_recall(answer: str, facts: Sequence[str]) -> float:
     return sum(fact.lower() in lowered for fact in facts) / len(facts)
 
 
-def cites_supported(sentence: str, passage: str) -> bool:
-    """Whether `passage` backs `sentence`: all of the sentence's numbers are in it, and at least
-    CITATION_WORD_SHARE of its content words."""
-    claim = CITATION.sub(" ", sentence)
-    if not set(numbers_in(claim)) <= set(numbers_in(passage)):
-        return False
-    words = {w for w in bm25_tokens(claim) if not NUMBER.fullmatch(w)}
-    return not words or len(words & set(bm25_tokens(passage))) >= CITATION_WORD_SHARE * len(words)
-
-
 def answer_metrics(answer: str, item: EvalItem, passages: Sequence[Passage], history: Sequence[str] = ()) -> dict:
     """The per-answer measures: key facts in the answer, key facts in its passages (the ceiling),
     numbers the answer states that its passages, question and history do not, and for every
@@ -121,7 +107,7 @@ def answer_metrics(answer: str, item: EvalItem, passages: Sequence[Passage], his
         for number in CITATION.findall(sentence):
             citations += 1
             n = int(number)
-            supported += 1 <= n <= len(passages) and cites_supported(sentence, passages[n - 1].text)
+            supported += 1 <= n <= len(passages) and backs(passages[n - 1].text, sentence)
     return {"recall": round(key_fact_recall(answer, item.key_facts), 3),
             "oracle": round(key_fact_recall(given, item.key_facts), 3),
             "unsupported_numbers": unsupported_numbers(answer, [given, item.question, *history]),
@@ -195,17 +181,17 @@ def generation_metrics(
                                       grounding_settings=None if grounded else UNGROUNDED))
 
     samples, abstained = [], 0
-    with ThreadPoolExecutor(max_workers=batch) as pool:
-        answers = list(zip(answerable, pool.map(ask, answerable), strict=True))
-    for item, said in answers:
-        done, passages = said.done, said.sources
-        assert done is not None  # drain raises otherwise
-        abstained += done.abstained
-        samples.append({"id": item.id, "question": item.question, "answer": done.answer, "adapter": done.adapter,
-                        "sources": [p.source for p in passages], **answer_metrics(done.answer, item, passages,
-                                                                           [t for turn in item.history for t in turn])})
-        if progress:
-            progress(f"{domain.id} {config} {len(samples)}")
+    with ThreadPoolExecutor(max_workers=batch) as pool:  # map yields in the items' order, as each is done
+        for item, said in zip(answerable, pool.map(ask, answerable), strict=True):
+            done, passages = said.done, said.sources
+            assert done is not None  # drain raises otherwise
+            abstained += done.abstained
+            history = [text for turn in item.history for text in turn]
+            samples.append({"id": item.id, "question": item.question, "answer": done.answer, "adapter": done.adapter,
+                            "sources": [p.source for p in passages],
+                            **answer_metrics(done.answer, item, passages, history)})
+            if progress:
+                progress(f"{domain.id} {config} {len(samples)}")
     return {**summary(samples), "abstained": abstained, "samples": samples}
 
 

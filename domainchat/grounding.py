@@ -47,6 +47,10 @@ _ASKS_FOR_NUMBER = re.compile(r"\b(how (much|many|long|soon|often|old|big|high|l
                               r"what (is|are) the (limit|fee|cost|price|rate|minimum|maximum|deadline)|percent|age)\b",
                               re.IGNORECASE)
 NEAR_DUPLICATE = 0.7  # share of a sentence's content words already in a chosen sentence
+# A passage backs a sentence when it holds all of the sentence's numbers and at least this share of
+# its content words (the eval's citation precision, and the check on a continuation sentence).
+BACKING_WORD_SHARE = 0.5
+_SENTENCE_CLOSE = (".", "!", "?", ")", "]", '"', "”")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,45 @@ def sentences(text: str) -> tuple[str, list[str]]:
             if len(sentence.split()) >= MIN_SENTENCE_WORDS and not sentence.endswith(":"):
                 found.append(sentence)
     return " ".join(heading), found
+
+
+def backs(passage: str, sentence: str) -> bool:
+    """Whether `passage` backs `sentence`: all of the sentence's numbers are in it, and at least
+    BACKING_WORD_SHARE of its content words. A lexical check: it catches a sentence that drifts away
+    from the passage, not one that rearranges the passage's own words into a false claim."""
+    claim = CITATION.sub(" ", sentence)
+    if not set(numbers_in(claim)) <= set(numbers_in(passage)):
+        return False
+    words = {w for w in bm25_tokens(claim) if not NUMBER.fullmatch(w)}
+    return not words or len(words & set(bm25_tokens(passage))) >= BACKING_WORD_SHARE * len(words)
+
+
+def backed_by(passages: Sequence[Passage], sentence: str) -> bool:
+    """Whether the passages back `sentence`: the passages it cites ([n]), or any one when it cites none."""
+    cited = [int(n) for n in CITATION.findall(sentence)]
+    if cited:
+        return all(1 <= n <= len(passages) and backs(passages[n - 1].text, sentence) for n in cited)
+    return any(backs(p.text, sentence) for p in passages)
+
+
+def first_sentence(continuation: str, final: bool) -> str | None:
+    """The first sentence of what the model wrote after the opening, once it is complete: ended by the
+    start of another sentence or by a line break, or, when `final` (the model stopped), by the end of
+    the text. None while it may still grow; "" when it ended without a whole sentence (a fragment
+    cut off by the token limit, or a few words without a full stop)."""
+    body = continuation.lstrip()
+    marker = _BULLET.match(body)  # "1. " opens a list item; it does not end a sentence
+    if marker:
+        body = body[marker.end():]
+    ends = [i for i in (body.find("\n"),) if i >= 0]
+    after = _SENTENCE_END.search(body)
+    if after:
+        ends.append(after.start())
+    if not ends and not final:
+        return None
+    sentence = body[:min(ends)].strip() if ends else body.strip()
+    whole = sentence.endswith(_SENTENCE_CLOSE) and len(sentence.split()) >= MIN_SENTENCE_WORDS
+    return sentence if whole else ""
 
 
 def sentences_of_answer(answer: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from domainchat.chat import Admission, Assistant, Done, Notice, Sources, Token, Transcript, drain
-from domainchat.domains import load_registry
+from domainchat.domains import GroundingSettings, load_registry
 from domainchat.errors import BadInput, Busy, UnknownDomain
 from domainchat.generation import AdapterStatus
 from domainchat.settings import load_settings
@@ -23,6 +23,8 @@ class RecordingEngine:
         self.adapters = adapters or {}
         self.calls: list[tuple[list[dict], str | None]] = []
         self.starts: list[tuple[str, object]] = []
+        self.closed = 0  # streams closed before their end
+        self.reply = ["The 2025 ", "limit is ", "$7,000 [1]. ", "Then more ", "words."]
 
     def available(self, name: str | None) -> bool:
         return name is None or (name in self.adapters and self.adapters[name].loaded)
@@ -33,7 +35,12 @@ class RecordingEngine:
     def stream(self, messages, adapter=None, params=None, cancel=None, prefix_messages=0, reply_start=""):
         self.calls.append((list(messages), adapter))
         self.starts.append((reply_start, params))
-        yield from ["An ", "answer ", "[1]."]
+        finished = False
+        try:
+            yield from self.reply
+            finished = True
+        finally:
+            self.closed += not finished
 
     def answer_nll(self, messages, answer, adapter=None) -> tuple[float, int]:
         self.calls.append((list(messages), adapter))
@@ -60,16 +67,18 @@ def run(assistant: Assistant, *args, **kwargs) -> list:
 def test_grounded_answer_events(assistant: Assistant) -> None:
     events = run(assistant, "finance", "What is the Roth IRA limit?")
     kinds = [type(e).__name__ for e in events]
-    assert kinds == ["Sources", "Token", "Token", "Token", "Token", "Notice", "Done"]
+    assert kinds == ["Sources", "Token", "Token", "Notice", "Done"]
     sources = events[0].passages
     assert sources[0].source == "ira.md" and sources[0].score >= 0.3
     opening = "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1].\n"
     assert events[1].text == opening, "the answer opens with the passage sentence nearest the question"
     done = events[-1]
-    assert done.answer == opening + "An answer [1]." and done.adapter == "finance" and not done.abstained
+    assert events[2].text == "The 2025 limit is $7,000 [1].", "the model's first sentence, which its passage backs"
+    assert done.answer == opening + events[2].text and done.adapter == "finance" and not done.abstained
+    assert assistant.engine.closed == 1, "generation stopped after the first sentence"
     reply_start, params = assistant.engine.starts[0]
     assert reply_start == opening and params.allowed_numbers == {"2025", "7,000"}
-    assert done.timing["tokens"] == 3, "speed counts generated tokens, not the quoted opening"
+    assert done.timing["tokens"] == 8, "speed counts generated tokens (one past the sentence), not the opening"
     assert events[-2].kind == "disclaimer"
     messages, adapter = assistant.engine.calls[0]
     assert adapter == "finance" and "$7,000" in messages[-1]["content"] and "[1]" in messages[-1]["content"]
@@ -140,7 +149,8 @@ def test_an_answer_that_repeats_the_system_prompt_is_stopped(assistant: Assistan
 
     words = assistant.registry.get("finance").system_prompt.split()
     assistant.engine.stream = lambda *args, **kwargs: iter(["Sure. "] + [w + " " for w in words])
-    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    events = run(assistant, "finance", "What is the Roth IRA limit?",
+                 grounding_settings=GroundingSettings(continuation="free"))
     said = "".join(e.text for e in events[2:] if isinstance(e, Token))  # after the evidence opening
     assert len(said.split()) < 9, "stopped as soon as eight words of the prompt appeared"
     assert [e.kind for e in events if isinstance(e, Notice)][0] == "risk"
@@ -177,11 +187,10 @@ def test_remote_generation_loads_no_model(store, tmp_path: Path) -> None:
 
 
 def test_grounding_levers_can_be_turned_off(assistant: Assistant) -> None:
-    from domainchat.domains import GroundingSettings
 
     events = run(assistant, "finance", "What is the Roth IRA limit?",
                  grounding_settings=GroundingSettings(evidence_sentences=0, number_guard=False))
-    assert events[-1].answer == "An answer [1]."
+    assert events[-1].answer == "The 2025 limit is $7,000 [1]. Then more words.", "no opening: the model's own answer"
     assert assistant.engine.starts[0] == ("", assistant.engine.starts[0][1])
     assert assistant.engine.starts[0][1].allowed_numbers is None
 
@@ -258,3 +267,28 @@ def test_retrieval_sees_the_previous_question(assistant: Assistant, monkeypatch:
     run(assistant, "finance", "What is the limit?", [("Tell me about the Roth IRA.", "It holds after-tax money [1].")])
     run(assistant, "finance", "What is the Roth IRA limit?")
     assert searched == [("What is the limit?", "Tell me about the Roth IRA."), ("What is the Roth IRA limit?", None)]
+
+
+def test_a_continuation_no_passage_backs_is_not_shown(assistant: Assistant) -> None:
+    assistant.engine.reply = ["Our stores open ", "at noon on Mondays. ", "And more."]
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    opening = "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
+    assert [e.text for e in events if isinstance(e, Token)] == [opening + "\n"]
+    assert events[-1].answer == opening and assistant.engine.closed == 1
+
+
+def test_a_fragment_cut_off_by_the_token_limit_is_not_shown(assistant: Assistant) -> None:
+    assistant.engine.reply = ["The 2025 limit ", "applies to"]  # the model ran out of tokens mid-sentence
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
+
+
+def test_free_and_no_continuation(assistant: Assistant) -> None:
+
+    opening = "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1].\n"
+    question = "What is the Roth IRA limit?"
+    free = run(assistant, "finance", question, grounding_settings=GroundingSettings(continuation="free"))
+    assert free[-1].answer == opening + "The 2025 limit is $7,000 [1]. Then more words."
+    calls = len(assistant.engine.calls)
+    alone = run(assistant, "finance", question, grounding_settings=GroundingSettings(continuation="none"))
+    assert alone[-1].answer == opening.strip() and len(assistant.engine.calls) == calls, "the model is not asked"

@@ -153,3 +153,9 @@ def test_grounding_settings_are_validated(tmp_path: Path) -> None:
         load_domain(write_domain(tmp_path / "x", "demo", grounding={"number_guard": "yes"}))
     with pytest.raises(ConfigError, match=r"'grounding.evidence_sentences' is 9"):
         load_domain(write_domain(tmp_path / "y", "demo", grounding={"evidence_sentences": 9}))
+    assert load_domain(write_domain(tmp_path / "z", "demo")).grounding.continuation == "sentence"
+    folder = write_domain(tmp_path / "w", "demo", grounding={"continuation": "none"})
+    assert load_domain(folder).grounding.continuation == "none"
+    with pytest.raises(ConfigError, match=r"domain.yaml: key 'grounding.continuation' is 'all'; use one of free, "
+                                          r"sentence, none"):
+        load_domain(write_domain(tmp_path / "v", "demo", grounding={"continuation": "all"}))

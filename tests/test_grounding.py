@@ -64,3 +64,30 @@ def test_opening_cites_each_sentence_before_its_full_stop() -> None:
     text = opening([Evidence(2, "A 12% fee applies.", 1.0), Evidence(1, 'Our policy: "Within 38 days."', 0.5)])
     assert text == 'A 12% fee applies [2]. Our policy: "Within 38 days." [1]\n'
     assert opening([]) == ""
+
+
+def test_first_sentence_waits_for_a_whole_sentence() -> None:
+    from domainchat.grounding import first_sentence
+
+    assert first_sentence("The limit is", final=False) is None
+    assert first_sentence("The limit is $7,000 [1].", final=False) is None  # another word may follow
+    assert first_sentence(" The limit is $7,000 [1]. Then", final=False) == "The limit is $7,000 [1]."
+    assert first_sentence("The limit is $7,000 a year\nNext", final=False) == ""  # a line without a full stop
+    assert first_sentence("1. Open the app and tap Orders.\n2. Pick", final=False) == "Open the app and tap Orders."
+    assert first_sentence("The limit is $7,000 [1].", final=True) == "The limit is $7,000 [1]."
+    assert first_sentence("The limit applies to", final=True) == ""  # cut off by the token limit
+    assert first_sentence("I hope this helps!", final=True) == "I hope this helps!"
+    assert first_sentence("Okay. Then more", final=False) == ""  # too short to say anything
+
+
+def test_a_sentence_is_backed_by_the_passage_it_cites_or_by_any_when_it_cites_none() -> None:
+    from domainchat.grounding import backed_by
+
+    passages = [Passage("a:0:x", "a.md", "a.md", 0.9, "Returns are accepted within 30 days of delivery."),
+                Passage("b:0:x", "b.md", "b.md", 0.8, "Shipping is free on orders over $50.")]
+    assert backed_by(passages, "Shipping is free on orders over $50 [2].")
+    assert not backed_by(passages, "Shipping is free on orders over $50 [1].")  # cites the wrong passage
+    assert not backed_by(passages, "Shipping is free on orders over $50 [3].")  # no such passage
+    assert backed_by(passages, "Returns are accepted within 30 days.")
+    assert not backed_by(passages, "Returns are accepted within 60 days.")  # a number no passage has
+    assert not backed_by(passages, "Our friendly team loves helping customers every day.")
