@@ -19,12 +19,13 @@ import re
 import statistics
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from domainchat import safety
 from domainchat.chat import Assistant, Transcript, drain
-from domainchat.domains import Domain, GroundingSettings
+from domainchat.domains import Domain
 from domainchat.errors import BadInput
 from domainchat.generation import GenerationParams
 from domainchat.grounding import NUMBER, backs, numbers_in, sentences_of_answer, unsupported_numbers
@@ -32,17 +33,20 @@ from domainchat.knowledge import Passage
 
 EVAL_FILE = "eval.jsonl"
 UNSEEN_DIR = "unseen"  # domains/<id>/unseen/: knowledge/ and eval.jsonl that no adapter was trained on
-# name -> (use_adapter, use_retrieval, use_few_shot, grounded); few-shot None = as served
-# (prompts.few_shot_for); grounded False turns off the evidence opening and the number guard.
-CONFIGS: dict[str, tuple[bool, bool, bool | None, bool]] = {
-    "base": (False, False, None, True),
-    "base+rag": (False, True, None, True),
-    "base+rag-no-fewshot": (False, True, False, True),
-    "adapter": (True, False, None, True),
-    "adapter+rag-ungrounded": (True, True, None, False),
-    "adapter+rag": (True, True, None, True),
+# name -> (use_adapter, use_retrieval, use_few_shot, grounding); few-shot None = as served
+# (prompts.few_shot_for); grounding: the domain's GroundingSettings fields this configuration
+# changes (none: as served). "ungrounded" has no evidence opening and no number guard; "free" lets
+# the model continue the opening for as long as it writes, unchecked (as answers were before
+# GroundingSettings.continuation).
+CONFIGS: dict[str, tuple[bool, bool, bool | None, dict[str, Any]]] = {
+    "base": (False, False, None, {}),
+    "base+rag": (False, True, None, {}),
+    "base+rag-no-fewshot": (False, True, False, {}),
+    "adapter": (True, False, None, {}),
+    "adapter+rag-ungrounded": (True, True, None, {"evidence_sentences": 0, "number_guard": False}),
+    "adapter+rag-free": (True, True, None, {"continuation": "free"}),
+    "adapter+rag": (True, True, None, {}),
 }
-UNGROUNDED = GroundingSettings(evidence_sentences=0, number_guard=False)
 SIDE_BY_SIDE = 5  # answers per domain in samples_<domain>.md
 CITATION = re.compile(r"\[(\d+)\]")
 # Greedy, so runs compare; 128 tokens (~95 words) keeps a full eval of every answerable question
@@ -172,13 +176,14 @@ def generation_metrics(
     """Answer every answerable item under `config` and measure each answer. `batch` questions are
     asked at once, each from its own thread, so that the lean decoder runs them as the rows of one
     decode step; the samples keep the items' order."""
-    use_adapter, use_retrieval, use_few_shot, grounded = CONFIGS[config]
+    use_adapter, use_retrieval, use_few_shot, changes = CONFIGS[config]
+    grounding_settings = replace(domain.grounding, **changes) if changes else None
     answerable = [item for item in items if item.answerable]
 
     def ask(item: EvalItem) -> Transcript:
         return drain(assistant.answer(domain.id, item.question, item.history, use_retrieval=use_retrieval,
                                       use_adapter=use_adapter, use_few_shot=use_few_shot, params=EVAL_PARAMS,
-                                      grounding_settings=None if grounded else UNGROUNDED))
+                                      grounding_settings=grounding_settings))
 
     samples, abstained = [], 0
     with ThreadPoolExecutor(max_workers=batch) as pool:  # map yields in the items' order, as each is done
@@ -310,8 +315,6 @@ def apply_numbers(text: str, mapping: dict[str, str]) -> str:
 
 def counterfactual_items(items: Sequence[EvalItem], mapping: dict[str, str]) -> list[EvalItem]:
     """The answerable items whose key facts contain a changed number, with those facts changed."""
-    from dataclasses import replace
-
     changed = []
     for item in items:
         if item.answerable and any(numbers_in(f) for f in item.key_facts):
@@ -528,7 +531,8 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
         written.append(_bar_chart(out_dir / "key_facts.png", domains, series,
                                   "Key facts in generated answers, per configuration", "key-fact recall"))
     for domain_id in domains:
-        text = side_by_side(report, domain_id, left="adapter+rag-ungrounded") or side_by_side(report, domain_id)
+        text = (side_by_side(report, domain_id, left="adapter+rag-free") or
+                side_by_side(report, domain_id, left="adapter+rag-ungrounded") or side_by_side(report, domain_id))
         if text:
             (out_dir / f"samples_{domain_id}.md").write_text(text, encoding="utf-8")
             written.append(out_dir / f"samples_{domain_id}.md")

@@ -220,3 +220,25 @@ def test_batched_answers_run_together_and_keep_the_items_order(tmp_path) -> None
     assert [s["id"] for s in result["samples"]] == ["q0", "q1", "q2"]
     assert [s["answer"] for s in result["samples"]] == ["Fact 0 [1].", "Fact 1 [1].", "Fact 2 [1]."]
     assert result["key_fact_recall"] == 1.0 and result["citation_precision"] == 1.0
+
+
+def test_configurations_change_only_their_grounding_levers() -> None:
+    from domainchat.chat import Done
+    from domainchat.evaluate import EvalItem, generation_metrics
+    from domainchat.settings import PROJECT_ROOT
+
+    seen: dict[str, object] = {}
+
+    class RecordingAssistant:
+        def answer(self, domain_id: str, question: str, history=(), **options):
+            seen[question] = options["grounding_settings"]
+            yield Done("An answer.", "finance", False)
+
+    domain = load_registry(PROJECT_ROOT / "domains").get("finance")
+    for config in ("adapter+rag", "adapter+rag-free", "adapter+rag-ungrounded"):
+        generation_metrics(RecordingAssistant(), domain, [EvalItem("q", config, True)], config)  # type: ignore[arg-type]
+    assert seen["adapter+rag"] is None, "as served: the domain's own settings"
+    free, ungrounded = seen["adapter+rag-free"], seen["adapter+rag-ungrounded"]
+    assert (free.continuation, free.evidence_sentences, free.number_guard) == (
+        "free", domain.grounding.evidence_sentences, True)
+    assert (ungrounded.evidence_sentences, ungrounded.number_guard) == (0, False)
