@@ -405,11 +405,11 @@ class Assistant:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()  # closing the engine's stream stops its generation
-        if continuation == "sentence":
+        if continuation != "free":
             # Held back until whole, then shown only when a passage backs it: most of what the model
             # adds after the quoted evidence is backed by none (see GroundingSettings.continuation).
-            sentence = grounding.first_sentence(written, final=True)
-            if sentence and safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt):
+            sentence = grounding.first_sentence(written, final=True) if continuation == "sentence" else ""
+            if safety.repeats_system_prompt(reply_start + (sentence or ""), domain.system_prompt):
                 withheld = True
             elif sentence and grounding.backed_by(rendered.passages, sentence):
                 pieces.append(sentence)

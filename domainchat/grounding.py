@@ -4,8 +4,10 @@ answer may state.
 A 135M model asked to answer from four whole passages often ignores them (it repeats figures it
 learned in training). This module picks the one or two sentences nearest the question (lexical
 overlap weighted by rarity, plus embedding cosine when an embedder is given) so that the answer can
-open with them, quoted with their [n]; and it lists the numbers that the passages, the question and
-the conversation contain, which the engine's number guard and the eval's "unsupported numbers" use.
+open with them, quoted with their [n]; it lists the numbers that the passages, the question and the
+conversation contain, which the engine's number guard and the eval's "unsupported numbers" use; and
+it says whether a passage backs a sentence (the check on what the model adds after the opening, and
+the eval's citation precision).
 
 It works on text only: it knows nothing of models, stores or domains (it is handed passages and,
 optionally, a function that embeds texts).

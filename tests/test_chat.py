@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,17 @@ def test_free_and_no_continuation(assistant: Assistant) -> None:
     calls = len(assistant.engine.calls)
     alone = run(assistant, "finance", question, grounding_settings=GroundingSettings(continuation="none"))
     assert alone[-1].answer == opening.strip() and len(assistant.engine.calls) == calls, "the model is not asked"
+
+
+def test_an_opening_that_repeats_the_system_prompt_is_withheld_whatever_the_continuation(
+        assistant: Assistant) -> None:
+    from domainchat.chat import WITHHELD_ANSWER
+
+    domain = assistant.registry.get("finance")
+    quoting = replace(domain, system_prompt=domain.system_prompt + "\nA Roth IRA holds after-tax money; the 2025 "
+                                                                   "limit is $7,000.")
+    assistant.registry.domains["finance"] = quoting
+    for continuation in ("sentence", "none"):
+        events = run(assistant, "finance", "What is the Roth IRA limit?",
+                     grounding_settings=GroundingSettings(continuation=continuation))
+        assert events[-1].answer == WITHHELD_ANSWER, continuation

@@ -131,6 +131,7 @@ def test_ask_exits_cleanly_every_time(settings, test_adapters, tmp_path: Path) -
     config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
     config["system_prompt"] += f"\nRemember: {QUOTED}\n"
     config.setdefault("generation", {})["max_new_tokens"] = 16  # the exit is the point, not the answer
+    config.setdefault("grounding", {})["continuation"] = "free"  # stopped at the first token, mid-generation
     config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     knowledge.mkdir(parents=True)
     (knowledge / "credit.md").write_text(f"# Credit reports\n\n{QUOTED} Paying on time helps.\n", encoding="utf-8")
