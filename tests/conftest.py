@@ -80,7 +80,12 @@ def make_adapter(checkpoint: Path, out: Path, seed: int, *, zero: bool = False, 
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    # A is initialised from the global generator: seeded here, so that an adapter is the same
+    # whichever tests ran before (the exactness tests compare greedy replies that a near-tie of
+    # another adapter's weights can part).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
