@@ -85,10 +85,10 @@ def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None,
     import time
 
     stamps: list[float] = []
-    answering = threading.Event()
+    answering, done = threading.Event(), threading.Event()
 
     def stream() -> None:
-        for _ in engine.stream(running, adapter, replace(params, max_new_tokens=400)):
+        for _ in engine.stream(running, adapter, replace(params, max_new_tokens=400), done):
             stamps.append(time.perf_counter())
             if len(stamps) == 4:
                 answering.set()
@@ -106,6 +106,7 @@ def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None,
     for thread in threads:
         thread.join()
     window_end = time.perf_counter()
+    done.set()  # the running answer has served its purpose
     runner.join()
     return longest_pause(stamps, window, window_end), max(firsts)
 

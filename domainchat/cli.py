@@ -237,9 +237,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bar.set_postfix_str(what)
             bar.update()
 
-        report = bench.run_bench(settings, progress=progress)
-        if args.http:  # after the engine above is closed: the server is the only one generating
-            report.update(bench_http.run_http_bench(settings, progress=progress))
+        # The client-side part first: the in-process part opens the knowledge store, which then
+        # stays locked to this process, and the server it starts must open that store.
+        client_side = bench_http.run_http_bench(settings, progress=progress) if args.http else {}
+        report = {**bench.run_bench(settings, progress=progress), **client_side}
     bench.check_targets(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--configs", default="base,base+rag,adapter,adapter+rag",
                             help="comma-separated: base, base+rag, base+rag-no-fewshot, adapter, "
                                  "adapter+rag-ungrounded (no evidence opening, no number guard), adapter+rag-free "
-                                 "(the model's continuation unchecked), adapter+rag")
+                                 "(the model's continuation unchecked), adapter+rag-evidence (the quoted evidence "
+                                 "alone), adapter+rag")
     evaluation.add_argument("--limit", type=int, help="at most this many answerable questions per domain")
     evaluation.add_argument("--batch", type=int, default=4,
                             help="questions answered at once, as rows of one decode step (1 to 16; default 4)")

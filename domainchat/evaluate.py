@@ -37,7 +37,8 @@ UNSEEN_DIR = "unseen"  # domains/<id>/unseen/: knowledge/ and eval.jsonl that no
 # (prompts.few_shot_for); grounding: the domain's GroundingSettings fields this configuration
 # changes (none: as served). "ungrounded" has no evidence opening and no number guard; "free" lets
 # the model continue the opening for as long as it writes, unchecked (as answers were before
-# GroundingSettings.continuation).
+# GroundingSettings.continuation); "evidence" is the quoted evidence opening alone, no model text
+# (what retrieval and sentence selection give by themselves).
 CONFIGS: dict[str, tuple[bool, bool, bool | None, dict[str, Any]]] = {
     "base": (False, False, None, {}),
     "base+rag": (False, True, None, {}),
@@ -45,6 +46,7 @@ CONFIGS: dict[str, tuple[bool, bool, bool | None, dict[str, Any]]] = {
     "adapter": (True, False, None, {}),
     "adapter+rag-ungrounded": (True, True, None, {"evidence_sentences": 0, "number_guard": False}),
     "adapter+rag-free": (True, True, None, {"continuation": "free"}),
+    "adapter+rag-evidence": (True, True, None, {"continuation": "none"}),
     "adapter+rag": (True, True, None, {}),
 }
 SIDE_BY_SIDE = 5  # answers per domain in samples_<domain>.md

@@ -20,11 +20,13 @@ class TurnTakingEngine:
         self.prefill_s = prefill_s
         self.lock = threading.Lock()
 
-    def stream(self, messages, adapter, params, prefix_messages: int = 0):
+    def stream(self, messages, adapter, params, cancel=None, prefix_messages: int = 0):
         if messages[0]["content"] == "arrival":
             with self.lock:
                 time.sleep(self.prefill_s)
-        for _ in range(min(params.max_new_tokens, 200)):
+        for _ in range(params.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                return
             with self.lock:
                 time.sleep(0.005)
             yield "x"

@@ -235,10 +235,12 @@ def test_configurations_change_only_their_grounding_levers() -> None:
             yield Done("An answer.", "finance", False)
 
     domain = load_registry(PROJECT_ROOT / "domains").get("finance")
-    for config in ("adapter+rag", "adapter+rag-free", "adapter+rag-ungrounded"):
+    for config in ("adapter+rag", "adapter+rag-free", "adapter+rag-ungrounded", "adapter+rag-evidence"):
         generation_metrics(RecordingAssistant(), domain, [EvalItem("q", config, True)], config)  # type: ignore[arg-type]
     assert seen["adapter+rag"] is None, "as served: the domain's own settings"
     free, ungrounded = seen["adapter+rag-free"], seen["adapter+rag-ungrounded"]
     assert (free.continuation, free.evidence_sentences, free.number_guard) == (
         "free", domain.grounding.evidence_sentences, True)
     assert (ungrounded.evidence_sentences, ungrounded.number_guard) == (0, False)
+    evidence = seen["adapter+rag-evidence"]
+    assert (evidence.continuation, evidence.evidence_sentences) == ("none", domain.grounding.evidence_sentences)

@@ -62,8 +62,25 @@ def test_opening_cites_each_sentence_before_its_full_stop() -> None:
     from domainchat.grounding import Evidence
 
     text = opening([Evidence(2, "A 12% fee applies.", 1.0), Evidence(1, 'Our policy: "Within 38 days."', 0.5)])
-    assert text == 'A 12% fee applies [2]. Our policy: "Within 38 days." [1]\n'
+    assert text == 'A 12% fee applies [2]. Our policy: "Within 38 days." [1].\n'
     assert opening([]) == ""
+
+
+def test_a_list_item_in_the_opening_is_a_sentence_its_passage_backs() -> None:
+    from domainchat.grounding import Evidence, backed_by, sentences_of_answer
+
+    passages = [Passage(id="a:0:x", source="a.md", title="A", score=1.0,
+                        text="Call a doctor if:\n- your temperature is 39.4 °C or higher;\n"
+                             "- a fever lasts more than three days;"),
+                Passage(id="b:0:x", source="b.md", title="B", score=0.9,
+                        text="A fever is a temperature of 38 °C or higher.")]
+    text = opening([Evidence(2, "A fever is a temperature of 38 °C or higher.", 1.0),
+                    Evidence(1, "your temperature is 39.4 °C or higher;", 0.8),
+                    Evidence(1, "a fever lasts more than three days;", 0.7)])
+    assert text == ("A fever is a temperature of 38 °C or higher [2]. Your temperature is 39.4 °C or higher [1]. "
+                    "A fever lasts more than three days [1].\n")
+    said = sentences_of_answer(text)
+    assert len(said) == 3 and all(backed_by(passages, sentence) for sentence in said)
 
 
 def test_first_sentence_waits_for_a_whole_sentence() -> None:
