@@ -7,8 +7,8 @@ from domainchat.grounding import (
     allowed_numbers,
     numbers_in,
     opening,
+    passage_sentences,
     select_evidence,
-    sentences,
     sentences_of_answer,
     unsupported_numbers,
 )
@@ -30,17 +30,41 @@ def test_numbers_leave_out_citations_and_list_markers() -> None:
 
 
 def test_sentences_skip_headings_and_list_lead_ins() -> None:
-    heading, found = sentences(RETURNS.text)
+    heading, found = passage_sentences(RETURNS.text)
     assert heading == "Returns Policy > Restocking fee"
-    assert found == ["Most returns carry no fee.", "A 12% restocking fee is deducted when a stove has been lit.",
-                     "Cleaning and a pressure test by a technician."]
-    _, shipping = sentences(SHIPPING.text)
-    assert shipping[0].endswith("11 a.m. Mountain Time."), "an abbreviation does not end a sentence"
+    assert [sentence for sentence, _ in found] == [
+        "Most returns carry no fee.", "A 12% restocking fee is deducted when a stove has been lit.",
+        "Cleaning and a pressure test by a technician."]
+    _, shipping = passage_sentences(SHIPPING.text)
+    assert shipping[0][0].endswith("11 a.m. Mountain Time."), "an abbreviation does not end a sentence"
+
+
+def test_list_items_carry_their_lead_in_and_quoted_claims_lose_theirs() -> None:
+    heading, found = passage_sentences(
+        'Food poisoning > When to see a doctor\nOur policy: "Refunds are issued within 3 days." You get an email.\n'
+        "See a doctor if you have:\n- **Fever:** above 39 °C.\n- blood in the stool\n- thirst\n\n"
+        'Our policy: "Cut light strips cannot be returned."')
+    assert heading == "Food poisoning > When to see a doctor"
+    assert found == [("Refunds are issued within 3 days.", ""), ("You get an email.", ""),
+                     ("Fever: above 39 °C.", "See a doctor if you have"),
+                     ("blood in the stool", "See a doctor if you have"),
+                     ("Cut light strips cannot be returned.", "")]
+
+
+def test_an_item_is_chosen_for_what_its_lead_in_says() -> None:
+    passage = Passage(id="p.md:0:a", source="p.md", title="P", score=0.8, text=(
+        "Pain relief\nIbuprofen eases pain and fever in most adults.\n"
+        "Check with a doctor before taking ibuprofen if you:\n- have a stomach ulcer\n- have kidney disease\n"))
+    chosen = select_evidence("Who should check with a doctor before taking ibuprofen?", [passage], count=2)
+    assert [e.text for e in chosen] == ["have a stomach ulcer", "have kidney disease"]
 
 
 def test_answer_sentences_keep_citations_and_split_steps() -> None:
     assert sentences_of_answer('Yes. "Within 38 days." [1]\n1. Open My Gear [2].\n2. Print it.') == [
         "Yes.", '"Within 38 days." [1]', "Open My Gear [2].", "Print it."]
+    # Bold after a full stop starts a new sentence (the eval checks each one against the passage it cites).
+    assert sentences_of_answer("A 2-year warranty [1]. **Lite: $129.** A 2.8-inch display [2].") == [
+        "A 2-year warranty [1].", "**Lite: $129.", "A 2.8-inch display [2]."]
 
 
 def test_selection_prefers_the_sentence_that_answers() -> None:
