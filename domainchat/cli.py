@@ -20,6 +20,7 @@ from domainchat.errors import BadInput, DomainchatError
 
 if TYPE_CHECKING:
     from domainchat.chat import Assistant
+    from domainchat.knowledge import KnowledgeStore
 
 EXIT_BAD_INPUT = 2
 
@@ -125,37 +126,81 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
+def _domain_store(domain_id: str, *, sync: bool = False) -> tuple[str, KnowledgeStore]:
+    """The domain's id (UnknownDomain otherwise) and the knowledge store. With `sync`, the domain's
+    `knowledge/<id>/` folder is synced first, as the app does at start, so that what a command
+    lists or removes is what the app serves (cheap when nothing changed)."""
     from domainchat.domains import load_registry
     from domainchat.knowledge import KnowledgeStore
     from domainchat.settings import load_settings
 
     settings = load_settings()
-    domain = load_registry(settings.domains_dir).get(args.domain)
+    domain = load_registry(settings.domains_dir).get(domain_id)
     store = KnowledgeStore.open(settings.home, settings.chroma_url)
-    with tqdm(total=0, unit="file", desc=f"ingest {domain.id}", disable=args.json, file=sys.stderr) as bar:
+    if sync:
+        store.sync_folder(domain.id, settings.knowledge_dir / domain.id)
+    return domain.id, store
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    domain_id, store = _domain_store(args.domain)
+    with tqdm(total=0, unit="file", desc=f"ingest {domain_id}", disable=args.json, file=sys.stderr) as bar:
 
         def progress(done: int, total: int, current: str) -> None:
             bar.total = total
             bar.n = done
             bar.set_postfix_str(current[-40:], refresh=True)
 
-        report = store.ingest(domain.id, [Path(p) for p in args.paths], progress=progress)
+        report = store.ingest(domain_id, [Path(p) for p in args.paths], progress=progress)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
         print(f"{report.files} files: {report.chunks_added} chunks added, {report.chunks_unchanged} unchanged, "
-              f"{report.chunks_removed} removed; {store.count(domain.id)} chunks in '{domain.id}'.")
+              f"{report.chunks_removed} removed; {store.count(domain_id)} chunks in '{domain_id}'.")
         for flagged in report.flagged:
             print(f"note: {flagged['file']}: {flagged['findings']} instruction-like passage(s) neutralized "
                   "(documents are data, not instructions)", file=sys.stderr)
         for error in report.errors:
             print(f"error: {error['error']}", file=sys.stderr)
     return EXIT_BAD_INPUT if report.errors else 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    domain_id, store = _domain_store(args.domain, sync=True)
+    documents = store.documents(domain_id)
+    if args.json:
+        print(json.dumps([d.to_json() for d in documents], indent=2, ensure_ascii=False))
+        return 0
+    if not documents:
+        print(f"No documents in '{domain_id}'; add some with `domainchat ingest --domain {domain_id} PATH...`.")
+    else:
+        width = max(len("source"), *(len(d.source) for d in documents))
+        print(f"{'source':<{width}}  {'origin':<9}  {'chunks':>6}  {'added':<25}  flagged")
+        for d in documents:
+            print(f"{d.source:<{width}}  {d.origin or '?':<9}  {d.chunks:>6}  {d.added or 'unknown':<25}  "
+                  f"{'yes' if d.flagged else ''}")
+    removed = store.removed(domain_id)
+    if removed:  # otherwise a removed shipped document would be gone with no trace of how to get it back
+        print(f"\nRemoved, and kept out of the start-up sync until ingested again: {', '.join(sorted(removed))}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    domain_id, store = _domain_store(args.domain, sync=True)
+    report = store.remove_documents(domain_id, args.sources)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        if report.removed:
+            print(f"removed {', '.join(report.removed)}: {report.chunks_removed} chunks; "
+                  f"{store.count(domain_id)} chunks left in '{domain_id}'.")
+        for error in report.errors:
+            print(f"error: {error['error']}", file=sys.stderr)
+    return 0 if report.removed else EXIT_BAD_INPUT
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -268,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true")
     ingest.add_argument("paths", nargs="+", metavar="PATH")
     ingest.set_defaults(run=cmd_ingest)
+
+    docs = sub.add_parser("docs", help="list a domain's documents: origin, chunks, when added, whether flagged")
+    docs.add_argument("--domain", required=True)
+    docs.add_argument("--json", action="store_true")
+    docs.set_defaults(run=cmd_docs)
+
+    remove = sub.add_parser("remove", help="remove documents from a domain's knowledge base "
+                                           "(shipped ones stay out until ingested again)")
+    remove.add_argument("--domain", required=True)
+    remove.add_argument("--json", action="store_true")
+    remove.add_argument("sources", nargs="+", metavar="SOURCE", help="a document's source, as `docs` lists it")
+    remove.set_defaults(run=cmd_remove)
 
     ask = sub.add_parser("ask", help="answer one question")
     ask.add_argument("--domain", required=True)

@@ -4,22 +4,37 @@ hybrid search returning `Passage`s.
 One Chroma collection per domain: an embedded PersistentClient under DOMAINCHAT_HOME, or a Chroma
 server when DOMAINCHAT_CHROMA_URL is set; writes go through LangChain (`langchain_chroma.Chroma`),
 reads through the collection. Embeddings come from the bundled all-MiniLM-L6-v2, loaded once.
-Search fuses the vector ranking with a BM25 ranking (kept per domain, rebuilt when that domain's
-documents change, not per query) by reciprocal rank fusion; a passage's `score` is its cosine
-similarity to the question, which is what a domain's minimum score is compared with.
+Search fuses the vector ranking with a BM25 ranking by reciprocal rank fusion; a passage's `score`
+is its cosine similarity to the question, which is what a domain's minimum score is compared with.
 
 Re-ingesting an unchanged file adds nothing, a changed file replaces its chunks, and the startup
-sync of `knowledge/<id>/` removes the chunks of files that are gone. Files become chunks in
-`documents`; BM25 lives in `lexical`. This module knows nothing about models, prompts or domains
-beyond their ids.
+sync of `knowledge/<id>/` removes the chunks of files that are gone. Every chunk records its
+document's `origin`, when the document was `added` (ISO-8601 UTC) and how many instruction-like
+passages screening neutralized in it (`screened`); `KnowledgeStore.documents` lists a domain's
+documents from them.
+
+State that every process sharing a store must see lives in the collection's own metadata, which
+the embedded store and a Chroma server both keep (not in a file, which a second front of a shared
+server would not see, nor in marker records, which every count, search and BM25 build would have
+to step around): a version marker replaced on every write, which each process compares per
+question with the one its BM25 index was built at, rebuilding the index when another process (or
+this one) changed the documents; and the documents someone removed, which the startup sync does
+not bring back until someone ingests them again. Chunk writes go through
+LangChain (`langchain_chroma.Chroma`); reads, metadata-only updates and the collection's metadata
+through the collection.
+
+Files become chunks in `documents`; BM25 lives in `lexical`. This module knows nothing about
+models, prompts or domains beyond their ids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +54,10 @@ RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al.)
 COLLECTION_PREFIX = "domainchat-"
 COLLECTION_METADATA = {"hnsw:space": "cosine"}  # normalized embeddings: distance = 1 - similarity
 ORIGIN_KNOWLEDGE = "knowledge"  # synced from knowledge/<id>/; removed when the file is removed
+# Keys of a collection's own metadata (chunks have theirs). Chroma's `modify` replaces the whole
+# metadata, so each write reads it, changes these keys and writes it back (`_commit`).
+VERSION_KEY = "domainchat:version"  # a new random value on every write to the collection
+REMOVED_PREFIX = "domainchat:removed:"  # + source -> when someone removed that document
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI
@@ -75,6 +94,35 @@ class IngestReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    """One document of a domain's knowledge base, as its chunks record it."""
+
+    source: str
+    origin: str | None  # "knowledge" (the startup sync), "cli", "upload", ...
+    chunks: int
+    added: str | None  # ISO-8601 UTC, when its chunks were first written or last replaced; None if never recorded
+    flagged: bool  # screening neutralized instruction-like text in it
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RemoveReport:
+    domain: str
+    removed: list[str] = field(default_factory=list)  # sources whose chunks were deleted
+    chunks_removed: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)  # {"source", "error"}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -172,7 +220,7 @@ class KnowledgeStore:
         self._embeddings = embeddings
         self._stores: dict[str, Chroma] = {}
         self._collections: dict[str, Collection] = {}
-        self._lexical: dict[str, LexicalIndex] = {}
+        self._lexical: dict[str, tuple[str | None, LexicalIndex]] = {}  # domain -> (version built at, index)
         self._lock = threading.RLock()
 
     @classmethod
@@ -214,31 +262,77 @@ class KnowledgeStore:
         return self._collection(domain_id).count()
 
     def sources(self, domain_id: str) -> dict[str, dict[str, Any]]:
-        """source -> {"file_hash", "origin", "ids"} for every file stored in the domain."""
+        """source -> {"file_hash", "origin", "ids", "added", "flagged"} for every file stored in the
+        domain. Chunks stored before `added` was recorded give None; before screening, not flagged."""
         stored = self._collection(domain_id).get(include=["metadatas"])
         files: dict[str, dict[str, Any]] = {}
         for chunk_id, meta in zip(stored["ids"], stored["metadatas"], strict=True):
-            entry = files.setdefault(meta["source"], {"file_hash": set(), "origin": meta.get("origin"), "ids": []})
+            entry = files.setdefault(meta["source"], {"file_hash": set(), "origin": meta.get("origin"), "ids": [],
+                                                      "added": None, "flagged": False})
             entry["file_hash"].add(meta.get("file_hash"))
             entry["ids"].append(chunk_id)
+            added = meta.get("added")
+            if added and (entry["added"] is None or added > entry["added"]):  # ISO-8601 UTC sorts as text
+                entry["added"] = added
+            entry["flagged"] = entry["flagged"] or bool(meta.get("screened"))
         return files
+
+    def documents(self, domain_id: str) -> list[StoredDocument]:
+        """The domain's documents, by source."""
+        return [StoredDocument(source=source, origin=entry["origin"], chunks=len(entry["ids"]), added=entry["added"],
+                               flagged=entry["flagged"])
+                for source, entry in sorted(self.sources(domain_id).items())]
+
+    def removed(self, domain_id: str) -> dict[str, str]:
+        """source -> when it was removed, for the documents someone removed and nobody ingested again
+        (the startup sync leaves them out)."""
+        return {key[len(REMOVED_PREFIX):]: when for key, when in self._metadata(domain_id).items()
+                if key.startswith(REMOVED_PREFIX)}
+
+    def _metadata(self, domain_id: str) -> dict[str, Any]:
+        """The collection's metadata as stored now (the cached Collection's copy may be another process's past)."""
+        self._collection(domain_id)  # created on first use
+        return self.client.get_collection(COLLECTION_PREFIX + domain_id, embedding_function=None).metadata or {}
+
+    def _commit(self, domain_id: str, *, changed: bool, removed: Iterable[str] = (),
+                revived: Iterable[str] = ()) -> None:
+        """Record a write in the collection's metadata, where every process sharing the store sees it: a
+        new version marker, documents removed (kept out of the startup sync) and revived (ingested again).
+        Two processes committing at the same moment can lose one's tombstone (Chroma has no
+        compare-and-set); the version marker survives either way, since both values are new."""
+        with self._lock:
+            current = self._metadata(domain_id)
+            # Chroma refuses `hnsw:` keys in a modify (the distance lives in the collection's configuration).
+            metadata = {key: value for key, value in current.items() if not key.startswith("hnsw:")}
+            for source in revived:
+                changed = metadata.pop(REMOVED_PREFIX + source, None) is not None or changed
+            when = _utc_now()
+            for source in removed:
+                metadata[REMOVED_PREFIX + source] = when
+                changed = True
+            if not changed:
+                return
+            metadata[VERSION_KEY] = uuid.uuid4().hex
+            self._collection(domain_id).modify(metadata=metadata)
 
     # -- writing -------------------------------------------------------------------------------
 
     def ingest(self, domain_id: str, paths: Sequence[Path], *, origin: str = "cli",
                progress: Progress | None = None) -> IngestReport:
         """Ingest files and folders into a domain. Each file is all-or-nothing: a bad file is
-        reported and skipped, and nothing already stored is lost or duplicated."""
+        reported and skipped, and nothing already stored is lost or duplicated. Ingesting a removed
+        document is asking for it back: the startup sync keeps it again."""
         files, errors = expand(paths)
-        return self._ingest_files(domain_id, files, errors, origin, progress)
+        return self._ingest_files(domain_id, files, errors, origin, progress, revive=True)
 
     def _ingest_files(self, domain_id: str, files: list[tuple[Path, str]], errors: list[dict[str, str]],
-                      origin: str, progress: Progress | None) -> IngestReport:
+                      origin: str, progress: Progress | None, *, revive: bool) -> IngestReport:
         report = IngestReport(domain=domain_id, errors=list(errors))
         with self._lock:
             store = self._vectorstore(domain_id)
             existing = self.sources(domain_id)
             changed = False
+            ingested: list[str] = []
             for done, (path, source) in enumerate(files):
                 if progress:
                     progress(done, len(files), source)
@@ -251,63 +345,100 @@ class KnowledgeStore:
                     report.errors.append({"file": source, "error": f"{source}: cannot be read ({exc.strerror})."})
                     continue
                 report.files += 1
+                ingested.append(source)
                 if chunks and chunks[0].metadata["screened"]:
                     report.flagged.append({"file": source, "findings": chunks[0].metadata["screened"]})
-                old_ids = set(existing.get(source, {}).get("ids", []))
+                entry = existing.get(source)
+                old_ids = set(entry["ids"]) if entry else set()
+                added = _utc_now()  # one time for all of the file's chunks
+                metadatas = {c.id: {**c.metadata, "added": added} for c in chunks}
                 new = [c for c in chunks if c.id not in old_ids]
+                kept = [c.id for c in chunks if c.id in old_ids]
                 stale = sorted(old_ids - {c.id for c in chunks})
-                report.chunks_unchanged += len(chunks) - len(new)
+                # A changed file's unchanged chunks take its new hash and time, so that they tell the
+                # file's current version (the startup sync compares the hash) and when it was replaced.
+                replaced = entry is not None and entry["file_hash"] != {c.metadata["file_hash"] for c in chunks}
+                report.chunks_unchanged += len(kept)
                 if new:
                     # Add before deleting: an interrupted ingest leaves the old version, never none.
-                    store.add_texts([c.text for c in new], metadatas=[c.metadata for c in new], ids=[c.id for c in new])
+                    store.add_texts([c.text for c in new], metadatas=[metadatas[c.id] for c in new],
+                                    ids=[c.id for c in new])
                     report.chunks_added += len(new)
+                if replaced and kept:
+                    self._collection(domain_id).update(ids=kept, metadatas=[metadatas[i] for i in kept])
                 if stale:
                     store.delete(ids=stale)
                     report.chunks_removed += len(stale)
-                changed = changed or bool(new or stale)
+                changed = changed or bool(new or stale or replaced)
             if progress:
                 progress(len(files), len(files), "")
-            if changed:
-                self._lexical.pop(domain_id, None)
+            self._commit(domain_id, changed=changed, revived=ingested if revive else ())
         return report
 
-    def remove_sources(self, domain_id: str, sources: Iterable[str]) -> int:
+    def _delete(self, domain_id: str, stored: dict[str, dict[str, Any]], sources: Iterable[str]) -> int:
+        """Delete the chunks of these stored sources; the number deleted. The caller commits."""
+        ids = [i for s in sources for i in stored.get(s, {}).get("ids", [])]
+        if ids:
+            self._vectorstore(domain_id).delete(ids=ids)
+        return len(ids)
+
+    def remove_documents(self, domain_id: str, sources: Iterable[str]) -> RemoveReport:
+        """Delete these documents' chunks, and nothing else. A source the domain does not have is an
+        error naming it; the others are still removed. A removed document stays out of the startup
+        sync of `knowledge/<id>/` until someone ingests it again."""
+        report = RemoveReport(domain=domain_id)
         with self._lock:
             stored = self.sources(domain_id)
-            ids = [i for s in sources for i in stored.get(s, {}).get("ids", [])]
-            if ids:
-                self._vectorstore(domain_id).delete(ids=ids)
-                self._lexical.pop(domain_id, None)
-            return len(ids)
+            for source in dict.fromkeys(sources):  # each once, in the order given
+                if source in stored:
+                    report.removed.append(source)
+                else:
+                    report.errors.append({"source": source, "error": (
+                        f"'{source}' is not in the '{domain_id}' knowledge base (never ingested, or already "
+                        f"removed); `domainchat docs --domain {domain_id}` lists its documents.")})
+            report.chunks_removed = self._delete(domain_id, stored, report.removed)
+            self._commit(domain_id, changed=bool(report.removed), removed=report.removed)
+        return report
 
     def sync_folder(self, domain_id: str, folder: Path, progress: Progress | None = None) -> IngestReport:
         """Make the domain's `knowledge` chunks match `folder`: ingest new and changed files, remove
-        the chunks of files that are gone. Unchanged files are recognised by their sha256 alone."""
+        the chunks of files that are gone. Unchanged files are recognised by their sha256 alone;
+        files someone removed from the store (`remove_documents`) are left out."""
         with self._lock:
             stored = self.sources(domain_id)
+            removed = self.removed(domain_id)
             files, errors = expand([folder]) if folder.is_dir() else ([], [])
+            files = [(path, source) for path, source in files if source not in removed]
             todo = []
             for path, source in files:
                 entry = stored.get(source)
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 if entry is None or entry["file_hash"] != {digest}:
                     todo.append((path, source))
-            report = self._ingest_files(domain_id, todo, errors, ORIGIN_KNOWLEDGE, progress)
+            report = self._ingest_files(domain_id, todo, errors, ORIGIN_KNOWLEDGE, progress, revive=False)
             report.chunks_unchanged += sum(len(stored[s]["ids"]) for p, s in files
                                            if (p, s) not in todo and s in stored)
             present = {source for _, source in files}
             gone = [s for s, e in stored.items() if e["origin"] == ORIGIN_KNOWLEDGE and s not in present]
-            report.chunks_removed += self.remove_sources(domain_id, gone)
+            deleted = self._delete(domain_id, stored, gone)
+            self._commit(domain_id, changed=bool(deleted))
+            report.chunks_removed += deleted
             return report
 
     # -- reading -------------------------------------------------------------------------------
 
     def _lexical_index(self, domain_id: str) -> LexicalIndex:
+        """The domain's BM25 index, rebuilt when the collection's version marker says that any process
+        sharing the store wrote to it since the index was built. The marker is read before the
+        documents, so a write landing during a rebuild makes the next question rebuild again."""
+        version = self._metadata(domain_id).get(VERSION_KEY)
         with self._lock:
-            if domain_id not in self._lexical:
+            cached = self._lexical.get(domain_id)
+            if cached is None or cached[0] != version:
                 stored = self._collection(domain_id).get(include=["documents"])
-                self._lexical[domain_id] = LexicalIndex(stored["ids"], stored["documents"])
-            return self._lexical[domain_id]
+                cached = (version, LexicalIndex(stored["ids"], stored["documents"]))
+                self._lexical[domain_id] = cached
+            return cached[1]
 
     def search(self, domain_id: str, question: str, k: int, context: str | None = None) -> list[Passage]:
         """The k best passages for the question: vector and BM25 rankings fused by reciprocal rank.
@@ -327,6 +458,7 @@ class KnowledgeStore:
         similarity: dict[str, float] = {}
         records: dict[str, tuple[str, dict]] = {}
         rankings: list[list[str]] = []
+        lexical = self._lexical_index(domain_id)
         for text, vector in zip(queries, vectors, strict=True):
             found = collection.query(query_embeddings=[vector], n_results=min(CANDIDATES, total),
                                      include=["documents", "metadatas", "distances"])
@@ -335,7 +467,7 @@ class KnowledgeStore:
                 records[chunk_id] = (doc, meta)
                 similarity[chunk_id] = max(similarity.get(chunk_id, -1.0), 1.0 - distance)
             rankings.append(list(found["ids"][0]))
-            rankings.append(self._lexical_index(domain_id).top(text, CANDIDATES))
+            rankings.append(lexical.top(text, CANDIDATES))
 
         weights = [1.0, 1.0] if len(rankings) == 2 else [QUESTION_ALONE_WEIGHT] * 2 + [1.0, 1.0]
         fused: dict[str, float] = {}
