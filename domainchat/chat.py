@@ -22,7 +22,7 @@ from domainchat import grounding, prompts, safety
 from domainchat.domains import Domain, GroundingSettings, Registry, load_registry
 from domainchat.errors import BadInput, Busy
 from domainchat.generation import GenerationEngine, GenerationParams
-from domainchat.knowledge import IngestReport, KnowledgeStore, Passage
+from domainchat.knowledge import IngestReport, KnowledgeStore, Passage, RemoveReport, StoredDocument
 from domainchat.remote import RemoteEngine
 from domainchat.settings import Settings
 
@@ -127,6 +127,8 @@ class KnowledgeBase(Protocol):
     def count(self, domain_id: str) -> int: ...
     def ingest(self, domain_id: str, paths: Sequence[Path], *, origin: str = "cli",
                progress: Callable[[int, int, str], None] | None = None) -> IngestReport: ...
+    def documents(self, domain_id: str) -> list[StoredDocument]: ...
+    def remove_documents(self, domain_id: str, sources: Iterable[str]) -> RemoveReport: ...
 
 
 def adapter_dirs(settings: Settings, registry: Registry) -> dict[str, Path]:
@@ -198,6 +200,18 @@ class Assistant:
         if self.knowledge is None:
             raise BadInput("This assistant runs without a knowledge base; documents cannot be added.")
         return self.knowledge.ingest(domain_id, paths, origin=origin, progress=progress)
+
+    def documents(self, domain_id: str) -> list[StoredDocument]:
+        """The domain's documents (the page's list); none without a knowledge base."""
+        self.registry.get(domain_id)
+        return self.knowledge.documents(domain_id) if self.knowledge is not None else []
+
+    def remove_documents(self, domain_id: str, sources: Sequence[str]) -> RemoveReport:
+        """Remove documents from a domain's knowledge base (the page's removal)."""
+        self.registry.get(domain_id)
+        if self.knowledge is None:
+            raise BadInput("This assistant runs without a knowledge base; there is nothing to remove.")
+        return self.knowledge.remove_documents(domain_id, sources)
 
     def knowledge_count(self, domain_id: str) -> int:
         return self.knowledge.count(domain_id) if self.knowledge is not None else 0

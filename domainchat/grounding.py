@@ -145,6 +145,23 @@ def backed_by(passages: Sequence[Passage], sentence: str) -> bool:
     return any(backs(p.text, sentence) for p in passages)
 
 
+def cited_spans(answer: str, passages: Sequence[Passage]) -> dict[int, list[str]]:
+    """passage number -> the sentences of that passage the answer drew on (the sources panel marks
+    them): for each answer sentence that cites [n] and that passage n backs, the sentence of
+    passage n sharing the most content words with it."""
+    spans: dict[int, list[str]] = {}
+    for sentence in sentences_of_answer(answer):
+        words = set(bm25_tokens(CITATION.sub(" ", sentence)))
+        for n in sorted({int(cited) for cited in CITATION.findall(sentence)}):
+            if not 1 <= n <= len(passages) or not backs(passages[n - 1].text, sentence):
+                continue
+            _, found = passage_sentences(passages[n - 1].text)
+            overlap, best = max(((len(words & set(bm25_tokens(s))), s) for s, _ in found), default=(0, ""))
+            if overlap and best not in spans.setdefault(n, []):
+                spans[n].append(best)
+    return spans
+
+
 def first_sentence(continuation: str, final: bool) -> str | None:
     """The first sentence of what the model wrote after the opening, once it is complete: ended by the
     start of another sentence or by a line break, or, when `final` (the model stopped), by the end of

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from domainchat.errors import ConfigError
@@ -45,6 +45,18 @@ class Settings:
     prompt_tokens: int = 2048
     llm_timeout_s: float = 120.0  # between two streamed chunks from a generation server
     max_upload_files: int = 20  # files in one upload from the page
+    # Who may add and remove documents in the page (the CLI belongs to whoever runs the machine).
+    admin_password: str | None = field(default=None, repr=False)  # never in a log line
+    on_space: bool = False  # SPACE_ID is set: the page is public
+
+    @property
+    def knowledge_editing(self) -> str:
+        """"password": the page asks for DOMAINCHAT_ADMIN_PASSWORD before adding or removing documents;
+        "off": a public Space without one, where any visitor could otherwise poison the knowledge base;
+        "open": a machine of one's own."""
+        if self.admin_password:
+            return "password"
+        return "off" if self.on_space else "open"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_CHOICES:
@@ -130,4 +142,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         prompt_tokens=_number(env, "DOMAINCHAT_PROMPT_TOKENS", DEFAULTS.prompt_tokens),
         llm_timeout_s=_number(env, "DOMAINCHAT_LLM_TIMEOUT", DEFAULTS.llm_timeout_s, float),
         max_upload_files=_number(env, "DOMAINCHAT_MAX_UPLOAD_FILES", DEFAULTS.max_upload_files),
+        admin_password=env.get("DOMAINCHAT_ADMIN_PASSWORD") or None,  # as typed: spaces may be part of it
+        on_space=bool(env.get("SPACE_ID")),
     )

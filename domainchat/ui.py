@@ -1,15 +1,22 @@
 """UI: the Gradio page, a thin adapter from `chat.Assistant` events to components.
 
-Owns layout and per-session state (each browser tab keeps one conversation per domain in a
-gr.State; nothing per-user lives in module globals). It formats sources, notices and the status
-line, and hands uploads to `Assistant.ingest`. It knows nothing about how answers are made.
+Owns layout and per-user state: each browser keeps one conversation per domain in its own
+storage (gr.BrowserState, encrypted with a key kept in DOMAINCHAT_HOME), so a reload keeps it;
+nothing per-user lives in module globals or on the server. It formats sources (marking the
+sentences an answer drew on), notices and the status line, exports a conversation as Markdown,
+and hands uploads and removals to `Assistant`, behind the admin password where settings ask for
+one. It knows nothing about how answers are made.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
+import secrets
+import tempfile
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +25,19 @@ import gradio as gr
 from domainchat.chat import Assistant, Done, Notice, Transcript
 from domainchat.documents import MAX_FILE_BYTES, SUPPORTED_SUFFIXES
 from domainchat.errors import DomainchatError
-from domainchat.knowledge import Passage
+from domainchat.grounding import CITATION, cited_spans
+from domainchat.knowledge import Passage, StoredDocument
+from domainchat.settings import Settings
 
 QUEUE_MAX_SIZE = 32  # beyond this, Gradio answers "queue is full, try again"
 
-Conversation = list[tuple[str, str]]  # (user, assistant) turns of one domain
-SessionState = dict[str, Any]  # {"histories": {domain_id: Conversation}}
+# One exchange, as the browser keeps it: {"question", "answer", "sources": [{"id", "title",
+# "source"}] (the passages' text stays on the server), "adapter", "abstained", "stopped"}.
+Turn = dict[str, Any]
+SessionState = dict[str, Any]  # {"turns": {domain_id: [Turn]}}
+STORAGE_KEY = "domainchat-conversations"
+MAX_STORED_TURNS = 50  # per domain; browsers give a site about 5 MB of storage
+SECRET_FILE = "browser-state.key"  # the key the page's stored conversations are encrypted with
 
 CSS = """
 #notices .risk, #notices .abstain, #notices .adapter, #notices .error {
@@ -34,18 +48,39 @@ CSS = """
 #notices .adapter, #notices .error {background: #e1effe; border-left: 4px solid #1c64f2;}
 #disclaimer {font-size: 0.9em; opacity: 0.85;}
 #status {font-size: 0.85em; opacity: 0.8;}
+#sources mark {background: #fef08a; padding: 0 2px;}
+/* A phone (360-430 px) has no room for the domain picker beside its description. */
+@media (max-width: 640px) {
+  #domain-row {flex-direction: column;}
+  #domain-row > * {width: 100%; min-width: 0 !important;}
+}
 """
 
 
-def format_sources(passages: list[Passage]) -> str:
+def format_sources(passages: list[Passage], answer: str = "") -> str:
+    """The passages of the last answer, quoted, with the sentences the answer drew on marked."""
     if not passages:
         return "_No sources for the last answer._"
+    spans = cited_spans(answer, passages) if answer else {}
     blocks = []
     for number, passage in enumerate(passages, start=1):
-        quoted = "\n".join(f"> {html.escape(line)}" for line in passage.text.splitlines() if line.strip())
+        lines = [_marked(line, spans.get(number, [])) for line in passage.text.splitlines() if line.strip()]
+        quoted = "\n".join(f"> {line}" for line in lines)
         heading = f"**[{number}] {html.escape(passage.title)}** — `{passage.source}` (score {passage.score:.2f})"
         blocks.append(f"{heading}\n\n{quoted}")
     return "\n\n".join(blocks)
+
+
+def _marked(line: str, sentences: list[str]) -> str:
+    """One passage line, escaped, with each of `sentences` in it inside <mark>. The sentences come
+    from grounding, which drops the line's bold markers, so a marked line is shown without them."""
+    found = [s for s in sentences if s in line.replace("**", "")]
+    if not found:
+        return html.escape(line)
+    escaped = html.escape(line.replace("**", ""))
+    for sentence in found:
+        escaped = escaped.replace(html.escape(sentence), f"<mark>{html.escape(sentence)}</mark>", 1)
+    return escaped
 
 
 def format_notices(notices: list[Notice]) -> str:
@@ -65,25 +100,106 @@ def format_status(assistant: Assistant, domain_id: str, done: Done | None = None
     return " · ".join(parts)
 
 
-def to_messages(history: Conversation) -> list[dict[str, str]]:
+def turns_of(state: SessionState | None, domain_id: str) -> list[Turn]:
+    """The domain's turns as the browser sent them; anything malformed (storage edited by hand, or
+    written by another version) is left out rather than trusted."""
+    raw = state.get("turns", {}) if isinstance(state, dict) else {}
+    turns = raw.get(domain_id, []) if isinstance(raw, dict) else []
+    return [t for t in turns if isinstance(t, dict) and isinstance(t.get("question"), str)
+            and isinstance(t.get("answer"), str)] if isinstance(turns, list) else []
+
+
+def with_turns(state: SessionState | None, domain_id: str, turns: list[Turn]) -> SessionState:
+    stored = state.get("turns") if isinstance(state, dict) else None
+    return {"turns": {**(stored if isinstance(stored, dict) else {}), domain_id: turns[-MAX_STORED_TURNS:]}}
+
+
+def to_messages(turns: list[Turn]) -> list[dict[str, str]]:
     messages = []
-    for user, assistant in history:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    for turn in turns:
+        messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["answer"]}]
     return messages
+
+
+def make_turn(question: str, said: Transcript) -> Turn:
+    """The turn to keep: complete once Done came; until then (and for good if the person stops it)
+    the text so far, marked stopped."""
+    stopped = said.done is None
+    return {"question": question, "answer": said.text.strip() + " …" if stopped else said.answer,
+            "sources": [{"id": p.id, "title": p.title, "source": p.source} for p in said.sources],
+            "adapter": said.done.adapter if said.done else None,
+            "abstained": bool(said.done and said.done.abstained), "stopped": stopped}
+
+
+def conversation_markdown(title: str, disclaimer: str, turns: list[Turn], now: datetime) -> str:
+    """A conversation as Markdown: each question, its answer, and the sources the answer cited."""
+    lines = [f"# {title} — domainchat conversation", "", f"_Exported {now:%Y-%m-%d %H:%M} UTC._"]
+    if disclaimer:
+        lines += ["", f"> {disclaimer}"]
+    for number, turn in enumerate(turns, start=1):
+        lines += ["", f"## {number}. {turn['question']}", "", turn["answer"]]
+        cited = sorted({int(n) for n in CITATION.findall(turn["answer"])})
+        sources = [(n, turn["sources"][n - 1]) for n in cited if 1 <= n <= len(turn.get("sources", []))]
+        if sources:
+            lines += ["", "Sources:"] + [f"- [{n}] {s['title']} — `{s['source']}`" for n, s in sources]
+    return "\n".join(lines) + "\n"
+
+
+def format_documents(documents: list[StoredDocument]) -> list[list[str]]:
+    return [[d.source, d.origin or "", str(d.chunks), _when(d.added), "⚠️ yes" if d.flagged else ""]
+            for d in documents]
+
+
+def _when(added: str | None) -> str:
+    if not added:
+        return ""
+    try:
+        return datetime.fromisoformat(added).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return added
+
+
+def editing_refusal(settings: Settings, password: str | None) -> str | None:
+    """Why this visitor may not add or remove documents, or None when they may. Checked in the
+    handlers themselves, not only by hiding the controls: a page's events can be called directly."""
+    if settings.knowledge_editing == "open":
+        return None
+    if settings.knowledge_editing == "off":
+        return "Adding and removing documents is turned off on this Space."
+    if not password:
+        return "Enter the admin password to add or remove documents."
+    if not hmac.compare_digest(password.encode(), (settings.admin_password or "").encode()):
+        return "Wrong admin password: nothing was changed."
+    return None
+
+
+def browser_secret(home: Path) -> str:
+    """The key the page's stored conversations are encrypted with, kept in DOMAINCHAT_HOME so that
+    conversations outlive a restart (a key made per start would make them unreadable)."""
+    path = home / SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+        return path.read_text().strip()
 
 
 def build(assistant: Assistant) -> gr.Blocks:
     domains = assistant.registry.domains
     first = next(iter(domains))
-    max_files = assistant.settings.max_upload_files
+    settings = assistant.settings
+    max_files = settings.max_upload_files
+    editing = settings.knowledge_editing
     # Gradio lets every admitted-or-waiting answer through; assistant.admission is the one limit.
-    chat_concurrency = assistant.settings.max_active + assistant.settings.max_waiting
+    chat_concurrency = settings.max_active + settings.max_waiting
+    exports = Path(tempfile.mkdtemp(prefix="domainchat-export-"))  # Gradio serves a copy from its cache
 
     def domain_view(domain_id: str, state: SessionState):
         domain = domains[domain_id]
-        history = state["histories"].get(domain_id, [])
         return (
-            to_messages(history),
+            to_messages(turns_of(state, domain_id)),
             f"**{domain.title}** — {domain.description}",
             f"⚠️ {domain.disclaimer}" if domain.disclaimer else "",
             gr.Dataset(samples=[[q] for q in domain.example_questions]),
@@ -93,60 +209,79 @@ def build(assistant: Assistant) -> gr.Blocks:
         )
 
     def respond(question: str, domain_id: str, state: SessionState) -> Iterator[tuple]:
-        history = list(state["histories"].get(domain_id, []))
-        shown = to_messages(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        turns = turns_of(state, domain_id)
+        history = [(t["question"], t["answer"]) for t in turns]
+        shown = to_messages(turns) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         said = Transcript()
         cancel = threading.Event()
         admitted = False
         try:
-            yield shown, "", format_sources([]), "", gr.update(), state
+            yield shown, "", format_sources([]), "", gr.update(), gr.update()
             assistant.admission.enter()  # shared with the API: the same limit for everyone
             admitted = True
             for event in assistant.answer(domain_id, question, history, cancel=cancel):
                 said.add(event)
                 shown[-1]["content"] = said.answer  # the final word: e.g. a withheld answer replaces its start
+                # Every update carries the turn so far: if the person presses Stop, the browser keeps
+                # the last one, marked stopped.
+                state = with_turns(state, domain_id, turns + [make_turn(question, said)])
                 if said.done is not None:
-                    state["histories"][domain_id] = history + [(question, said.answer)]
-                    yield (shown, "", format_sources(said.sources), format_notices(said.notices),
-                           format_status(assistant, domain_id, said.done, len(history) + 1), state)
+                    yield (shown, "", format_sources(said.sources, said.answer), format_notices(said.notices),
+                           format_status(assistant, domain_id, said.done, len(turns) + 1), state)
                     return
                 yield shown, "", format_sources(said.sources), format_notices(said.notices), gr.update(), state
         except DomainchatError as exc:
             said.notices.append(Notice("error", str(exc)))
-            yield to_messages(history), question, format_sources([]), format_notices(said.notices), gr.update(), state
+            yield to_messages(turns), question, format_sources([]), format_notices(said.notices), gr.update(), \
+                with_turns(state, domain_id, turns)
         finally:
             cancel.set()  # the Stop button closes this generator: stop generating at the next token
             if admitted:
                 assistant.admission.leave()
-            if said.text and state["histories"].get(domain_id, []) == history:  # stopped mid-answer: keep it
-                state["histories"][domain_id] = history + [(question, said.text.strip() + " …")]
 
     def retry(domain_id: str, state: SessionState):
-        history = state["histories"].get(domain_id, [])
-        if not history:
-            return "", state, to_messages(history)
-        last_question = history[-1][0]
-        state["histories"][domain_id] = history[:-1]
-        return last_question, state, to_messages(history[:-1])
+        turns = turns_of(state, domain_id)
+        if not turns:
+            return "", state, []
+        return turns[-1]["question"], with_turns(state, domain_id, turns[:-1]), to_messages(turns[:-1])
 
     def clear(domain_id: str, state: SessionState):
-        state["histories"][domain_id] = []
-        return [], format_sources([]), "", state
+        return [], format_sources([]), "", with_turns(state, domain_id, []), gr.update(value=None, visible=False)
+
+    def export(domain_id: str, state: SessionState):
+        turns = turns_of(state, domain_id)
+        if not turns:
+            return gr.update(value=None, visible=False), format_notices(
+                [Notice("error", "Nothing to export yet: ask a question first.")])
+        now = datetime.now(timezone.utc)
+        path = exports / f"domainchat-{domain_id}-{now:%Y%m%d-%H%M%S}.md"
+        path.write_text(conversation_markdown(domains[domain_id].title, domains[domain_id].disclaimer, turns, now),
+                        encoding="utf-8")
+        return gr.update(value=str(path), visible=True), ""
+
+    def document_view(domain_id: str):
+        documents = assistant.documents(domain_id)
+        return (gr.update(value=format_documents(documents)),
+                gr.update(choices=[d.source for d in documents], value=None))
 
     # Gradio finds the progress tracker by this default value, so the call in the default is its API.
-    def upload(files: list[str] | None, domain_id: str, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
-        if not files:
-            return "Choose one or more files first."
-        if len(files) > max_files:
-            return f"At most {max_files} files per upload; you chose {len(files)}. Upload them in smaller groups."
-
-        def report_progress(done: int, total: int, current: str) -> None:
-            progress((done, total), desc=f"Adding {current}" if current else "Done")
-
+    def upload(files: list[str] | None, domain_id: str, password: str | None,
+               progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
         try:
-            report = assistant.ingest(domain_id, [Path(f) for f in files], origin="upload", progress=report_progress)
+            if not files:
+                return "Choose one or more files first."
+            if reason := editing_refusal(settings, password):
+                return f"❌ {reason}"
+            if len(files) > max_files:
+                return f"At most {max_files} files per upload; you chose {len(files)}. Upload them in smaller groups."
+
+            def report_progress(done: int, total: int, current: str) -> None:
+                progress((done, total), desc=f"Adding {current}" if current else "Done")
+
+            report = assistant.ingest(domain_id, [Path(f) for f in files], origin="upload",
+                                      progress=report_progress)
         finally:
-            for file in files:  # the store keeps the text; the uploaded copy is served back to no one
+            for file in files or []:  # the store keeps the text; the uploaded copy is served back to no one
                 Path(file).unlink(missing_ok=True)
         failed = {e["file"]: e["error"] for e in report.errors}
         flagged = {f["file"] for f in report.flagged}
@@ -161,11 +296,35 @@ def build(assistant: Assistant) -> gr.Blocks:
                    f"{assistant.knowledge_count(domain_id)} in **{domains[domain_id].title}**.")
         return "\n".join(rows) + "\n\n" + summary
 
+    def ask_removal(source: str | None, domain_id: str, password: str | None):
+        if not source:
+            return "Choose a document to remove first.", gr.update(visible=False)
+        if reason := editing_refusal(settings, password):
+            return f"❌ {reason}", gr.update(visible=False)
+        chunks = next((d.chunks for d in assistant.documents(domain_id) if d.source == source), 0)
+        return (f"Remove **{html.escape(source)}** ({chunks} passages) from **{domains[domain_id].title}**? "
+                "Answers will no longer cite it; adding the file again brings it back.", gr.update(visible=True))
+
+    def remove(source: str | None, domain_id: str, password: str | None):
+        hidden = gr.update(visible=False)
+        if reason := editing_refusal(settings, password):
+            return (f"❌ {reason}", hidden, *document_view(domain_id))
+        try:
+            report = assistant.remove_documents(domain_id, [source] if source else [])
+        except DomainchatError as exc:
+            return (f"❌ {html.escape(str(exc))}", hidden, *document_view(domain_id))
+        if report.errors:
+            message = "❌ " + " ".join(html.escape(e["error"]) for e in report.errors)
+        else:
+            message = (f"✅ Removed **{html.escape(source or '')}** ({report.chunks_removed} passages); "
+                       f"{assistant.knowledge_count(domain_id)} passages left in **{domains[domain_id].title}**.")
+        return (message, hidden, *document_view(domain_id))
+
     with gr.Blocks(title="domainchat") as demo:
-        state = gr.State(lambda: {"histories": {}})
+        state = gr.BrowserState({"turns": {}}, storage_key=STORAGE_KEY, secret=browser_secret(settings.home))
         gr.Markdown("# domainchat\nPick a domain, then ask. "
                     "Answers cite the knowledge base and say so when it has nothing.")
-        with gr.Row():
+        with gr.Row(elem_id="domain-row"):
             domain = gr.Dropdown(choices=[(d.title, d.id) for d in domains.values()], value=first,
                                  label="Domain", elem_id="domain", scale=1)
             description = gr.Markdown(elem_id="description")
@@ -184,20 +343,39 @@ def build(assistant: Assistant) -> gr.Blocks:
         with gr.Row():
             retry_button = gr.Button("Retry last", elem_id="retry", size="sm")
             clear_button = gr.Button("Clear conversation", elem_id="clear", size="sm")
+            export_button = gr.Button("Export as Markdown", elem_id="export", size="sm")
+        exported = gr.File(label="Exported conversation", visible=False, elem_id="exported", interactive=False)
         examples = gr.Dataset(components=[question], samples=[], label="Example questions", elem_id="examples")
         with gr.Accordion("Sources of the last answer", open=True, elem_id="sources-panel"):
             sources = gr.Markdown(format_sources([]), elem_id="sources")
-        with gr.Accordion("Add documents to this domain", open=False, elem_id="upload-panel"):
-            files = gr.File(file_count="multiple", file_types=sorted(SUPPORTED_SUFFIXES), elem_id="upload",
-                            label=f"Markdown, text, PDF or HTML; up to {max_files} files of "
-                                  f"{MAX_FILE_BYTES // 2**20} MB each")
-            add = gr.Button("Add to knowledge base", elem_id="add")
-            upload_result = gr.Markdown(elem_id="upload-result")
+        with gr.Accordion("Knowledge base of this domain", open=False, elem_id="knowledge-panel"):
+            documents = gr.Dataframe(headers=["document", "from", "passages", "added", "flagged"],
+                                     interactive=False, elem_id="documents", wrap=True)
+            if editing == "off":
+                gr.Markdown("Adding and removing documents is turned off on this public Space, so that visitors "
+                            "cannot change what the assistant says. The Space's owner can turn it on by adding "
+                            "a secret named `DOMAINCHAT_ADMIN_PASSWORD` in the Space's settings.",
+                            elem_id="editing-off")
+            password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password",
+                                  visible=editing == "password")
+            with gr.Group(visible=editing != "off"):
+                files = gr.File(file_count="multiple", file_types=sorted(SUPPORTED_SUFFIXES), elem_id="upload",
+                                label=f"Markdown, text, PDF or HTML; up to {max_files} files of "
+                                      f"{MAX_FILE_BYTES // 2**20} MB each")
+                add = gr.Button("Add to knowledge base", elem_id="add")
+                with gr.Row():
+                    chosen = gr.Dropdown(label="Document to remove", choices=[], elem_id="remove-choice", scale=3)
+                    remove_button = gr.Button("Remove…", elem_id="remove", scale=1)
+                with gr.Row(visible=False) as confirm_row:
+                    confirm = gr.Button("Yes, remove it", variant="stop", elem_id="confirm-remove")
+                    cancel_removal = gr.Button("Cancel", elem_id="cancel-remove")
+            knowledge_result = gr.Markdown(elem_id="upload-result")
         status = gr.Markdown(elem_id="status")
 
         view_outputs = [chatbot, description, disclaimer, examples, sources, notices, status]
-        demo.load(domain_view, [domain, state], view_outputs)
-        domain.change(domain_view, [domain, state], view_outputs)
+        document_outputs = [documents, chosen]
+        demo.load(domain_view, [domain, state], view_outputs).then(document_view, [domain], document_outputs)
+        domain.change(domain_view, [domain, state], view_outputs).then(document_view, [domain], document_outputs)
         examples.click(lambda sample: sample[0], [examples], [question])
 
         chat_outputs = [chatbot, question, sources, notices, status, state]
@@ -208,8 +386,16 @@ def build(assistant: Assistant) -> gr.Blocks:
         retried = retry_button.click(retry, [domain, state], [question, state, chatbot]).then(
             respond, [question, domain, state], chat_outputs, concurrency_limit=chat_concurrency, concurrency_id="chat")
         stop.click(None, cancels=[submit, click, retried])
-        clear_button.click(clear, [domain, state], [chatbot, sources, notices, state])
-        add.click(upload, [files, domain], [upload_result], concurrency_limit=1)
+        clear_button.click(clear, [domain, state], [chatbot, sources, notices, state, exported])
+        chatbot.clear(clear, [domain, state], [chatbot, sources, notices, state, exported])  # its own 🗑 icon
+        export_button.click(export, [domain, state], [exported, notices])
+        add.click(upload, [files, domain, password], [knowledge_result], concurrency_limit=1).then(
+            document_view, [domain], document_outputs)
+        remove_button.click(ask_removal, [chosen, domain, password], [knowledge_result, confirm_row])
+        confirm.click(remove, [chosen, domain, password], [knowledge_result, confirm_row, *document_outputs],
+                      concurrency_limit=1)
+        cancel_removal.click(lambda: ("Nothing was removed.", gr.update(visible=False)), None,
+                             [knowledge_result, confirm_row])
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=chat_concurrency)
     return demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from domainchat.grounding import (
     allowed_numbers,
+    cited_spans,
     numbers_in,
     opening,
     passage_sentences,
@@ -132,3 +133,12 @@ def test_a_sentence_is_backed_by_the_passage_it_cites_or_by_any_when_it_cites_no
     assert backed_by(passages, "Returns are accepted within 30 days.")
     assert not backed_by(passages, "Returns are accepted within 60 days.")  # a number no passage has
     assert not backed_by(passages, "Our friendly team loves helping customers every day.")
+
+
+def test_cited_spans_are_the_passage_sentences_an_answer_drew_on() -> None:
+    answer = ("A 12% restocking fee is deducted when a stove has been lit [1]. Orders of $75 ship free [2]. "
+              "Stoves ship by drone [2].")
+    assert cited_spans(answer, [RETURNS, SHIPPING]) == {
+        1: ["A 12% restocking fee is deducted when a stove has been lit."],
+        2: ["Standard shipping is free on orders of $75 or more, placed before 11 a.m. Mountain Time."]}
+    assert cited_spans("No citation here.", [RETURNS]) == {}

@@ -56,3 +56,12 @@ def test_serving_limits_are_read_from_the_environment() -> None:
                               "DOMAINCHAT_LLM_TIMEOUT": "2.5", "DOMAINCHAT_MAX_UPLOAD_FILES": "3"})
     assert (settings.max_active, settings.max_waiting, settings.max_new_tokens) == (2, 0, 64)
     assert (settings.prompt_tokens, settings.llm_timeout_s, settings.max_upload_files) == (1024, 2.5, 3)
+
+
+def test_knowledge_editing_needs_a_password_on_a_space() -> None:
+    assert load_settings({"DOMAINCHAT_HOME": "/tmp/x"}).knowledge_editing == "open"
+    assert load_settings({"DOMAINCHAT_HOME": "/tmp/x", "SPACE_ID": "me/app"}).knowledge_editing == "off"
+    for env in ({"DOMAINCHAT_ADMIN_PASSWORD": " s3cret "}, {"DOMAINCHAT_ADMIN_PASSWORD": " s3cret ", "SPACE_ID": "a/b"}):
+        settings = load_settings({"DOMAINCHAT_HOME": "/tmp/x", **env})
+        assert settings.knowledge_editing == "password"
+        assert settings.admin_password == " s3cret "
