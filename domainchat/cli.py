@@ -228,9 +228,47 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.n = step
             bar.set_postfix(loss=f"{loss:.3f}", refresh=True)
 
-        result = train.train(settings, domain, store, config, out, force=args.force, progress=progress)
+        result = train.train(settings, domain, store, config, out, force=args.force, progress=progress,
+                             with_feedback=args.with_feedback)
     print(f"adapter written to {result.out} ({result.steps} steps, {result.seconds:.0f} s, "
           f"held-out loss {result.held_out_loss if result.held_out_loss is not None else 'n/a'})")
+    if result.feedback is not None:
+        skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in result.feedback["skipped"].items() if n)
+        print(f"feedback: {result.feedback['used']} examples used" + (f"; skipped: {skipped}" if skipped else ""))
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from domainchat import feedback
+    from domainchat.domains import load_registry
+    from domainchat.settings import load_settings
+
+    if args.limit < 0:
+        raise BadInput(f"--limit must be 0 or more (the latest entries to list); got {args.limit}.")
+    settings = load_settings()
+    domain = load_registry(settings.domains_dir).get(args.domain)
+    log = feedback.read(settings.home, domain.id)
+    latest = list(reversed(log.entries))[:args.limit]
+    if args.json:
+        print(json.dumps({"domain": domain.id, "file": str(log.path), "counts": log.counts(),
+                          "latest": [e.to_json() for e in latest]}, indent=2, ensure_ascii=False))
+        return 0
+    counts = log.counts()
+    if not log.entries and not log.unreadable:
+        print(f"No feedback for '{domain.id}' yet: the page's 👍/👎 record it in {log.path}.")
+        return 0
+    print(f"{domain.id}: {counts['entries']} entries ({counts['up']} up, {counts['down']} down, "
+          f"{counts['corrected']} corrected) in {log.path}")
+    if log.unreadable:
+        print(f"{log.unreadable} unreadable line(s) skipped (cut short by a crash, or edited by hand); "
+              "the file is left as it is.")
+    if latest:
+        print(f"\nLatest {len(latest)}, newest first:")
+    for entry in latest:
+        marks = " ".join(m for m, on in (("corrected", entry.correction is not None), ("abstained", entry.abstained),
+                                          ("stopped", entry.stopped)) if on)
+        question = entry.question if len(entry.question) <= 70 else entry.question[:69] + "…"
+        print(f"{entry.time}  {entry.vote:<4}  {marks:<20}  {question}")
     return 0
 
 
@@ -342,7 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train on the 4-bit base (QLoRA) or, with --no-qlora, on the fp32 base "
                                "(default: the domain's training.qlora, else QLoRA)")
     training.add_argument("--force", action="store_true", help="replace an existing adapter")
+    training.add_argument("--with-feedback", action="store_true",
+                          help="also train on the liked and corrected answers recorded from the page "
+                               "(DOMAINCHAT_HOME/feedback/<id>.jsonl)")
     training.set_defaults(run=cmd_train)
+
+    feedback = sub.add_parser("feedback", help="the 👍/👎 and corrections given to a domain's answers")
+    feedback.add_argument("--domain", required=True)
+    feedback.add_argument("--json", action="store_true")
+    feedback.add_argument("--limit", type=int, default=10, help="latest entries to list (default 10)")
+    feedback.set_defaults(run=cmd_feedback)
 
     bench = sub.add_parser("bench", help="measure speed and memory; writes bench.json and bench.md")
     bench.add_argument("--json", action="store_true")

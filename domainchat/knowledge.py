@@ -513,6 +513,17 @@ class KnowledgeStore:
         return [Passage(id=chunk_id, source=source, title=meta.get("title") or source, score=0.0, text=text)
                 for chunk_id, text, meta in zip(stored["ids"], stored["documents"], stored["metadatas"], strict=True)]
 
+    def passages_by_id(self, domain_id: str, ids: Sequence[str]) -> list[Passage]:
+        """The stored chunks with these ids, in the order asked, as passages with score 0; an id
+        the domain no longer has (its document removed or changed since) is left out."""
+        if not ids:
+            return []
+        stored = self._collection(domain_id).get(ids=list(ids), include=["documents", "metadatas"])
+        found = {chunk_id: Passage(id=chunk_id, source=meta["source"], title=meta.get("title") or meta["source"],
+                                   score=0.0, text=text)
+                 for chunk_id, text, meta in zip(stored["ids"], stored["documents"], stored["metadatas"], strict=True)}
+        return [found[chunk_id] for chunk_id in ids if chunk_id in found]
+
     def retriever(self, domain_id: str, k: int = 4) -> BaseRetriever:
         """A LangChain retriever over the domain's hybrid search, to compose with LangChain chains."""
         from langchain_core.callbacks import CallbackManagerForRetrieverRun

@@ -4,7 +4,9 @@ Owns the training data format (`domains/<id>/train.jsonl`), turning each example
 prompt inference will send (`prompts.render` with passages retrieved by the same knowledge store,
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
 passage's number), the loss on assistant tokens only, and the adapter folder it writes: 16-bit
-weights, adapter_config.json, a training card and a loss curve. It knows nothing about serving.
+weights, adapter_config.json, a training card and a loss curve. With feedback, the liked and
+corrected answers people gave (`feedback.py` says which) join the data, rendered with the passages
+those answers had. It knows nothing about serving.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from domainchat import prompts
+from domainchat import feedback, prompts
 from domainchat.domains import Domain
 from domainchat.errors import BadInput, ConfigError
 from domainchat.knowledge import KnowledgeStore, Passage
@@ -189,6 +191,41 @@ def build_dataset(tokenizer, domain: Domain, examples: list[Example], store: Kno
     return rows
 
 
+def feedback_dataset(tokenizer, domain: Domain, log: feedback.FeedbackLog, store: KnowledgeStore,
+                     max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
+    """Training rows from the feedback entries that teach something (`Entry.target`), each rendered
+    with the passages its answer had, in their [n] order; and a report of what was used and skipped."""
+    skipped = {"no_passages": 0, "sources_gone": 0, "duplicate": 0, "too_long": 0}
+    rows, seen = [], set()
+    for entry in reversed(log.entries):  # newest first: of identical examples, the latest one's passages
+        target = entry.target
+        if target is None:
+            continue
+        key = (entry.question, entry.history, target)
+        if key in seen:
+            skipped["duplicate"] += 1
+            continue
+        if not entry.sources:  # a fixed response (a stop rule's): the model never writes it
+            skipped["no_passages"] += 1
+            continue
+        passages = store.passages_by_id(domain.id, entry.sources)
+        if len(passages) < len(entry.sources):
+            # Skipped rather than trained on what remains: the target's [n] would then point at other
+            # passages, and what it states may have been in (or changed with) the ones that are gone.
+            skipped["sources_gone"] += 1
+            continue
+        example = Example(kind="feedback", question=entry.question, answer=target, history=entry.history)
+        row = tokenize_example(tokenizer, domain, example, passages, target, max_length)
+        if row is None:
+            skipped["too_long"] += 1
+            continue
+        seen.add(key)
+        rows.append(row)
+    report = {"file": f"{feedback.FOLDER}/{log.path.name}", "sha256": log.sha256, "entries": len(log.entries),
+              "unreadable_lines": log.unreadable, "used": len(rows), "skipped": skipped}
+    return rows, report
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -199,6 +236,7 @@ class TrainResult:
     train_loss: list[float] = field(default_factory=list)
     held_out_loss: float | None = None
     seconds: float = 0.0
+    feedback: dict[str, Any] | None = None  # feedback_dataset's report, when trained with feedback
 
 
 def sha256_file(path: Path) -> str:
@@ -220,9 +258,11 @@ def _mean_loss(model, rows) -> float:
 
 
 def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: TrainingConfig, out: Path,
-          *, force: bool = False, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+          *, force: bool = False, progress: Callable[[int, int, float], None] | None = None,
+          with_feedback: bool = False) -> TrainResult:
     """Train `domain`'s adapter into `out`. Refuses to overwrite a finished adapter without force;
-    resumes from `out/checkpoint.pt` when one matches the same data and settings."""
+    resumes from `out/checkpoint.pt` when one matches the same data and settings. With feedback, the
+    domain's feedback under DOMAINCHAT_HOME joins train.jsonl's examples."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -243,6 +283,11 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     base_source = resolve_base(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_source)
     rows = build_dataset(tokenizer, domain, examples, store, config.max_length)
+    feedback_report = None
+    if with_feedback:
+        log = feedback.read(settings.home, domain.id)
+        feedback_rows, feedback_report = feedback_dataset(tokenizer, domain, log, store, config.max_length)
+        rows += feedback_rows
     order = list(range(len(rows)))
     random.Random(config.seed).shuffle(order)
     n_held = int(len(rows) * config.held_out)
@@ -264,6 +309,8 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
 
     data_hash = sha256_file(data_path)
     fingerprint = {"data_sha256": data_hash, "config": asdict(config), "base": str(base_source)}
+    if feedback_report is not None:  # a checkpoint trained on other feedback must not be resumed
+        fingerprint["feedback_sha256"] = feedback_report["sha256"]
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
     step, losses = 0, []
@@ -303,7 +350,8 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     model.peft_config["default"].save_pretrained(str(out))
     model.eval()
     held_loss = _mean_loss(model, held) if held else None
-    result = TrainResult(out=out, steps=step, train_loss=losses, held_out_loss=held_loss, seconds=seconds)
+    result = TrainResult(out=out, steps=step, train_loss=losses, held_out_loss=held_loss, seconds=seconds,
+                         feedback=feedback_report)
     _write_card(out, domain, config, base_source, data_hash, len(train_rows), len(held), result)
     checkpoint.unlink(missing_ok=True)
     return result
@@ -324,6 +372,7 @@ def _write_card(out: Path, domain: Domain, config: TrainingConfig, base_source: 
         "train_data": f"domains/{domain.id}/{TRAIN_FILE}",
         "train_data_sha256": data_hash,
         "examples": {"train": n_train, "held_out": n_held},
+        "feedback": result.feedback,  # null when trained without feedback
         "hyperparameters": asdict(config),
         "prompt": "domainchat.prompts.render (system prompt, few-shot, quoted numbered passages, history)",
         "steps": result.steps,

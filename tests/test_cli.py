@@ -227,3 +227,57 @@ def test_ask_exits_cleanly_every_time(settings, test_adapters, tmp_path: Path) -
         result = json.loads(done.stdout)
         withheld += any("repeating the assistant's instructions" in n["text"] for n in result["notices"])
     assert withheld == ASK_RUNS // 2, "every retrieval answer opened with the quoted sentence and was cut short"
+
+
+@pytest.fixture
+def feedback_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("DOMAINCHAT_HOME", str(home))
+    return home
+
+
+def test_feedback_with_none_yet_says_so(feedback_home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["feedback", "--domain", "finance"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "No feedback for 'finance' yet" in out
+    assert str(feedback_home / "feedback" / "finance.jsonl") in out
+    code, report = run_json(capsys, "feedback", "--domain", "finance")
+    assert code == 0 and report == {"domain": "finance", "file": str(feedback_home / "feedback" / "finance.jsonl"),
+                                    "counts": {"entries": 0, "up": 0, "down": 0, "corrected": 0, "unreadable": 0},
+                                    "latest": []}
+
+
+def test_feedback_counts_and_lists_the_latest(feedback_home: Path, capsys: pytest.CaptureFixture) -> None:
+    from domainchat import feedback
+
+    for n in range(12):
+        feedback.record(feedback_home, "finance", question=f"What is APR, part {n}?", history=[],
+                        answer="APR is the annual percentage rate [1].", sources=["apr.md:0:abc"],
+                        adapter="finance", vote="up" if n % 3 else "down",
+                        correction="APR is the yearly cost of a loan [1]." if n == 11 else None)
+    with (feedback_home / "feedback" / "finance.jsonl").open("a") as handle:
+        handle.write('{"time": "2026-12-03T10:00:00+00:00", "quest')  # the server died mid-write
+    code, report = run_json(capsys, "feedback", "--domain", "finance")
+    assert code == 0 and set(report) == {"domain", "file", "counts", "latest"}
+    assert report["counts"] == {"entries": 12, "up": 8, "down": 4, "corrected": 1, "unreadable": 1}
+    assert len(report["latest"]) == 10 and report["latest"][0]["question"] == "What is APR, part 11?"
+    assert set(report["latest"][0]) == {"time", "question", "history", "answer", "sources", "adapter", "vote",
+                                        "correction", "abstained", "stopped"}
+    assert report["latest"][0]["correction"] == "APR is the yearly cost of a loan [1]."
+    code, report = run_json(capsys, "feedback", "--domain", "finance", "--limit", "2")
+    assert [e["question"] for e in report["latest"]] == ["What is APR, part 11?", "What is APR, part 10?"]
+
+    assert main(["feedback", "--domain", "finance", "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("finance: 12 entries (8 up, 4 down, 1 corrected)")
+    assert lines[1].startswith("1 unreadable line(s) skipped")
+    assert "Latest 3, newest first:" in lines and len(lines) == 7
+    assert lines[-3].split()[1:3] == ["up", "corrected"] and lines[-3].endswith("What is APR, part 11?")
+
+
+def test_feedback_bad_arguments_are_exit_2(feedback_home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["feedback", "--domain", "astrology"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unknown domain 'astrology'" in err
+    assert main(["feedback", "--domain", "finance", "--limit", "-1"]) == 2
+    assert "--limit must be 0 or more" in capsys.readouterr().err

@@ -177,3 +177,108 @@ def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domai
     assert "4.5 percent" in passages[0].text and passages[0].id in store.sources("zorblax")["zorblax.md"]["ids"]
     with pytest.raises(BadInput, match="source 'absent.md' is not in the 'zorblax' knowledge base"):
         _cite_passages(store, narrow, dataclasses.replace(example, source="absent.md"))
+
+
+def zorblax_ids(store) -> list[str]:
+    """The zorblax.md chunk ids, in reverse stored order (so that [n] order is not the store's order)."""
+    return list(reversed(store.sources("zorblax")["zorblax.md"]["ids"]))
+
+
+class CharTokenizer:
+    """One token per character, the chat turns joined as text: enough for a test about which feedback
+    becomes an example; the real tokenizer's prompt is checked in the slow test below."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool, tokenize: bool) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+
+def test_feedback_examples_skip_what_cannot_teach_and_count_it(tiny_domain, tmp_path: Path) -> None:
+    from domainchat import feedback
+    from domainchat.train import feedback_dataset
+
+    domain, store = tiny_domain
+    ids = zorblax_ids(store)
+    question = "What interest does a Zorblax account pay?"
+
+    def give(**overrides) -> None:
+        values = {"question": question, "history": [], "answer": "It pays 4.5 percent [1].", "sources": ids,
+                  "adapter": "zorblax", "vote": "up"}
+        feedback.record(tmp_path, "zorblax", **{**values, **overrides})
+
+    give()  # liked: used
+    give()  # the same again: a duplicate
+    give(vote="down")  # disliked, no correction: not an example, not counted as skipped
+    give(vote="down", correction="It pays 4.5 percent a year, no monthly fee [1].")  # corrected: used
+    give(vote="down", correction="Withdrawals are free twice a month [1].", sources=[ids[0], "zorblax.md:9:gone"])
+    give(vote="up", answer="Safety rule: see a professional.", sources=[], adapter=None)  # a fixed response
+    give(vote="down", correction="Ask the branch.", sources=[], adapter=None, abstained=True)  # a knowledge gap
+    give(vote="up", answer="Long answer. " * 40)  # cuts away every answer token at max_length 256
+    log = feedback.read(tmp_path, "zorblax")
+    rows, report = feedback_dataset(CharTokenizer(), domain, log, store, 256)
+    assert report["used"] == 2 and len(rows) == 2
+    assert report["skipped"] == {"no_passages": 1, "sources_gone": 1, "duplicate": 1, "too_long": 1}
+    assert report["entries"] == 8 and report["unreadable_lines"] == 0 and report["sha256"] == log.sha256
+    assert report["file"] == "feedback/zorblax.jsonl"
+
+
+@pytest.mark.slow
+def test_a_corrected_answer_trains_with_the_prompt_and_passages_it_was_given(
+        base_checkpoint: Path, tiny_domain, tmp_path: Path) -> None:
+    """The prompt is what prompts.render gives for the entry's question, history and passages (looked
+    up by chunk id, in the entry's [n] order); the labels are the correction and the end of the turn."""
+    from transformers import AutoTokenizer
+
+    from domainchat import feedback, prompts
+    from domainchat.train import feedback_dataset
+
+    domain, store = tiny_domain
+    tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
+    ids = zorblax_ids(store)
+    assert len(ids) >= 2, "two passages, so that their order shows"
+    history = [["Tell me about Zorblax.", "It is a savings account [2]."]]
+    correction = "Two withdrawals a month are free; later ones cost 3 dollars [1]."
+    feedback.record(tmp_path, "zorblax", question="And withdrawals?", history=history,
+                    answer="They cost 4.5 percent [2].", sources=ids, adapter="zorblax", vote="down",
+                    correction=correction)
+    rows, report = feedback_dataset(tokenizer, domain, feedback.read(tmp_path, "zorblax"), store, 1024)
+    assert report["used"] == 1
+    [(row_ids, labels)] = rows
+
+    passages = [next(p for p in store.passages_of("zorblax", "zorblax.md") if p.id == i) for i in ids]
+    served = prompts.render(domain, "And withdrawals?", [tuple(t) for t in history], passages, budget=1024,
+                            count_tokens=lambda t: len(tokenizer.encode(t, add_special_tokens=False)),
+                            with_few_shot=prompts.few_shot_for(with_adapter=True))
+    assert served.passages == passages and served.history_turns == 1
+    prompt = tokenizer.apply_chat_template(served.messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])
+    assert row_ids[: len(prompt)] == prompt
+    assert labels[: len(prompt)] == [-100] * len(prompt), "the prompt is masked"
+    answer = labels[len(prompt):]
+    assert answer == row_ids[len(prompt):] and len(labels) == len(row_ids)
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() == correction
+    # The end of the turn: the end-of-turn token, last or before the template's closing newline.
+    assert tokenizer.eos_token_id in answer[-2:]
+
+
+@pytest.mark.slow
+def test_training_with_feedback_records_it_in_the_card(settings, tiny_domain, tmp_path: Path) -> None:
+    from domainchat import feedback
+
+    domain, store = tiny_domain
+    path = feedback.feedback_path(settings.home, "zorblax")  # the session's home: its converted model is there
+    try:
+        for vote, correction in (("up", None), ("down", "It pays 4.5 percent a year [1]."), ("down", None)):
+            feedback.record(settings.home, "zorblax", question="What does Zorblax pay?", history=[],
+                            answer="4.5 percent [1].", sources=zorblax_ids(store)[:1], adapter="zorblax", vote=vote,
+                            correction=correction)
+        result = train(settings, domain, store, TrainingConfig.from_domain(domain, max_steps=1), tmp_path / "out",
+                       with_feedback=True)
+    finally:
+        path.unlink(missing_ok=True)
+    card = json.loads((tmp_path / "out" / "training_card.json").read_text())
+    assert card["feedback"] == result.feedback and card["feedback"]["used"] == 2
+    assert card["feedback"]["entries"] == 3 and sum(card["feedback"]["skipped"].values()) == 0
+    assert card["examples"]["train"] + card["examples"]["held_out"] == 12, "10 from train.jsonl, 2 from feedback"
