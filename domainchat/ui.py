@@ -4,8 +4,8 @@ Owns layout and per-user state: each browser keeps one conversation per domain i
 storage (gr.BrowserState, encrypted with a key kept in DOMAINCHAT_HOME), so a reload keeps it;
 nothing per-user lives in module globals or on the server. It formats sources (marking the
 sentences an answer drew on), notices and the status line, exports a conversation as Markdown,
-and hands uploads and removals to `Assistant`, behind the admin password where settings ask for
-one. It knows nothing about how answers are made.
+hands 👍/👎 and corrections to `feedback.record`, and hands uploads and removals to `Assistant`,
+behind the admin password where settings ask for one. It knows nothing about how answers are made.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Any
 
 import gradio as gr
 
+from domainchat import feedback
 from domainchat.chat import Assistant, Done, Notice, Transcript
 from domainchat.documents import MAX_FILE_BYTES, SUPPORTED_SUFFIXES
 from domainchat.errors import DomainchatError
 from domainchat.grounding import CITATION, cited_spans
 from domainchat.knowledge import Passage, StoredDocument
+from domainchat.safety import MAX_QUESTION_CHARS
 from domainchat.settings import Settings
 
 QUEUE_MAX_SIZE = 32  # beyond this, Gradio answers "queue is full, try again"
@@ -259,6 +261,46 @@ def build(assistant: Assistant) -> gr.Blocks:
                         encoding="utf-8")
         return gr.update(value=str(path), visible=True), ""
 
+    def vote(domain_id: str, state: SessionState, data: gr.LikeData):
+        """👍/👎 on an answer: saved at once; a 👎 opens the correction box for that answer."""
+        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+        turns = turns_of(state, domain_id)
+        number = int(index) // 2  # messages alternate question, answer
+        if data.liked not in (True, False) or not 0 <= number < len(turns):
+            return gr.update(), gr.update(), None
+        choice = "up" if data.liked is True else "down"
+        try:
+            _record(domain_id, turns, number, choice, None)
+        except DomainchatError as exc:
+            return format_notices([Notice("error", str(exc))]), gr.update(visible=False), None
+        if choice == "up":
+            return "", gr.update(visible=False), None
+        return ("", gr.update(visible=True), {"domain": domain_id, "turn": number})
+
+    def correct(text: str, target: dict | None, state: SessionState):
+        """The answer the person wanted, saved as its own entry (with 👎) beside their vote."""
+        if not target:
+            return "Choose 👎 on an answer first.", gr.update(), text
+        turns = turns_of(state, target["domain"])
+        if not text.strip():
+            return "Write the answer you expected first.", gr.update(), text
+        if target["turn"] >= len(turns):
+            return "That answer is no longer in this conversation.", gr.update(visible=False), ""
+        try:
+            _record(target["domain"], turns, target["turn"], "down", text)
+        except DomainchatError as exc:
+            return f"❌ {html.escape(str(exc))}", gr.update(), text
+        return "✅ Thank you: the correction is saved and can teach this domain's adapter.", \
+            gr.update(visible=False), ""
+
+    def _record(domain_id: str, turns: list[Turn], number: int, choice: str, correction: str | None) -> None:
+        turn = turns[number]
+        feedback.record(settings.home, domain_id, question=turn["question"],
+                        history=[[t["question"], t["answer"]] for t in turns[:number]], answer=turn["answer"],
+                        sources=[s.get("id", "") for s in turn.get("sources", [])], adapter=turn.get("adapter"),
+                        vote=choice, correction=correction, abstained=bool(turn.get("abstained")),
+                        stopped=bool(turn.get("stopped")))
+
     def document_view(domain_id: str):
         documents = assistant.documents(domain_id)
         return (gr.update(value=format_documents(documents)),
@@ -335,9 +377,15 @@ def build(assistant: Assistant) -> gr.Blocks:
         disclaimer = gr.Markdown(elem_id="disclaimer")
         chatbot = gr.Chatbot(elem_id="chat", height=420, label="Conversation")
         notices = gr.HTML(elem_id="notices")
+        voted = gr.State(None)  # the answer a 👎 was given to, for its correction
+        with gr.Group(visible=False, elem_id="correction-box") as correction_box:
+            correction = gr.Textbox(label="👎 saved. What should the answer have said? (optional)",
+                                    elem_id="correction", lines=3, max_length=MAX_QUESTION_CHARS)
+            save_correction = gr.Button("Save correction", elem_id="save-correction", size="sm")
+        correction_result = gr.Markdown(elem_id="correction-result")
         with gr.Row():
             question = gr.Textbox(placeholder="Ask a question…", show_label=False, elem_id="question", scale=5,
-                                  max_length=2000, submit_btn=False)
+                                  max_length=MAX_QUESTION_CHARS, submit_btn=False)
             send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
             stop = gr.Button("Stop", elem_id="stop", scale=1)
         with gr.Row():
@@ -389,6 +437,8 @@ def build(assistant: Assistant) -> gr.Blocks:
         clear_button.click(clear, [domain, state], [chatbot, sources, notices, state, exported])
         chatbot.clear(clear, [domain, state], [chatbot, sources, notices, state, exported])  # its own 🗑 icon
         export_button.click(export, [domain, state], [exported, notices])
+        chatbot.like(vote, [domain, state], [notices, correction_box, voted])
+        save_correction.click(correct, [correction, voted, state], [correction_result, correction_box, correction])
         add.click(upload, [files, domain, password], [knowledge_result], concurrency_limit=1).then(
             document_view, [domain], document_outputs)
         remove_button.click(ask_removal, [chosen, domain, password], [knowledge_result, confirm_row])
