@@ -108,6 +108,20 @@ def test_a_list_item_in_the_opening_is_a_sentence_its_passage_backs() -> None:
     assert len(said) == 3 and all(backed_by(passages, sentence) for sentence in said)
 
 
+def test_items_of_one_list_are_quoted_together_after_their_lead_in() -> None:
+    from domainchat.grounding import Evidence, backed_by, sentences_of_answer
+
+    passage = Passage(id="a:0:x", source="a.md", title="A", score=1.0, text=(
+        "Sore throat > When to see a clinician\nContact a clinician if:\n- it lasts longer than a week;\n"
+        "- you have a rash;\n- you have a weak immune system.\n"))
+    chosen = select_evidence("When should I see a clinician for a sore throat?", [passage], count=2)
+    assert all(e.lead_in == "Contact a clinician if" for e in chosen)
+    text = opening([Evidence(2, "Gargling helps.", 1.0), *[Evidence(1, e.text, e.score, e.lead_in) for e in chosen]])
+    assert text.startswith("Gargling helps [2]. Contact a clinician if: ")
+    assert text.count("[1]") == 1 and text.endswith(" [1].\n"), "one list, one sentence, one citation"
+    assert backed_by([passage], sentences_of_answer(text)[1]), "the lead-in and its items are the passage's words"
+
+
 def test_first_sentence_waits_for_a_whole_sentence() -> None:
     from domainchat.grounding import first_sentence
 
