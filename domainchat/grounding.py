@@ -53,6 +53,7 @@ NEAR_DUPLICATE = 0.7  # share of a sentence's content words already in a chosen 
 # A passage backs a sentence when it holds all of the sentence's numbers and at least this share of
 # its content words (the eval's citation precision, and the check on a continuation sentence).
 BACKING_WORD_SHARE = 0.5
+QUOTED_SHARE = 0.8  # a passage sentence whose content words are this much in an answer sentence is quoted there
 _SENTENCE_CLOSE = (".", "!", "?", ")", "]", '"', "”")
 # 'Our policy: "Returns are inspected within 3 business days."': the quoted words are the claim; the
 # lead-in is quoted as evidence only because it shares the sentence (and the sentence split takes
@@ -148,8 +149,9 @@ def backed_by(passages: Sequence[Passage], sentence: str) -> bool:
 
 def cited_spans(answer: str, passages: Sequence[Passage]) -> dict[int, list[str]]:
     """passage number -> the sentences of that passage the answer drew on (the sources panel marks
-    them): for each answer sentence that cites [n] and that passage n backs, the sentence of
-    passage n sharing the most content words with it."""
+    them): for each answer sentence that cites [n] and that passage n backs, the sentences of
+    passage n it quotes (QUOTED_SHARE of their content words in it: one list's items are quoted in
+    one sentence), or else the one sharing the most content words with it."""
     spans: dict[int, list[str]] = {}
     for sentence in sentences_of_answer(answer):
         words = set(bm25_tokens(CITATION.sub(" ", sentence)))
@@ -157,9 +159,13 @@ def cited_spans(answer: str, passages: Sequence[Passage]) -> dict[int, list[str]
             if not 1 <= n <= len(passages) or not backs(passages[n - 1].text, sentence):
                 continue
             _, found = passage_sentences(passages[n - 1].text)
-            overlap, best = max(((len(words & set(bm25_tokens(s))), s) for s, _ in found), default=(0, ""))
-            if overlap and best not in spans.setdefault(n, []):
-                spans[n].append(best)
+            overlaps = [(len(words & tokens), len(tokens), s) for s, _ in found if (tokens := set(bm25_tokens(s)))]
+            quoted = [s for shared, size, s in overlaps if shared >= QUOTED_SHARE * size]
+            if not quoted and overlaps and max(overlaps)[0]:
+                quoted = [max(overlaps)[2]]
+            for span in quoted:
+                if span not in spans.setdefault(n, []):
+                    spans[n].append(span)
     return spans
 
 

@@ -156,3 +156,7 @@ def test_cited_spans_are_the_passage_sentences_an_answer_drew_on() -> None:
         1: ["A 12% restocking fee is deducted when a stove has been lit."],
         2: ["Standard shipping is free on orders of $75 or more, placed before 11 a.m. Mountain Time."]}
     assert cited_spans("No citation here.", [RETURNS]) == {}
+    items = Passage(id="c:0:x", source="c.md", title="C", score=1.0, text=(
+        "Contact a clinician if:\n- you have signs of strep;\n- it lasts longer than one week;\n- you have a rash."))
+    assert cited_spans("Contact a clinician if: it lasts longer than one week; you have a rash [1].", [items]) == {
+        1: ["it lasts longer than one week;", "you have a rash."]}, "every item quoted in the sentence"
