@@ -202,7 +202,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         adapter = domain.id if engine.available(domain.id) else None
         with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
         rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048,
-                                  with_few_shot=with_few_shot)
+                                  message_overhead=engine.message_overhead, with_few_shot=with_few_shot)
         fixed = 1 + (2 * len(domain.few_shot) if with_few_shot else 0)
         report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
         report["ttft_rag_s"] = round(statistics.median(
@@ -216,7 +216,8 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         # as in serving): how long the running answer pauses, and how long the last newcomer waits.
         questions = (list(domain.example_questions) + [question] * 3)[:3]
         arrivals = [prompts.render(domain, q, (), store.search(domain.id, q, domain.retrieval.k),
-                                   count_tokens=engine.count_tokens, budget=2048, with_few_shot=with_few_shot).messages
+                                   count_tokens=engine.count_tokens, budget=2048,
+                                   message_overhead=engine.message_overhead, with_few_shot=with_few_shot).messages
                     for q in questions]
         stalls, lasts = [], []
         for _ in range(runs):

@@ -262,7 +262,8 @@ class Assistant:
                passages: list[Passage] | None, use_few_shot: bool, max_new_tokens: int) -> prompts.Rendered:
         budget = min(self.settings.prompt_tokens, self.engine.context_window - max_new_tokens)
         return prompts.render(domain, question, history, passages, count_tokens=self.engine.count_tokens,
-                              budget=budget, with_few_shot=use_few_shot)
+                              budget=budget, message_overhead=self.engine.message_overhead,
+                              with_few_shot=use_few_shot)
 
     def _embed_sentences(self, texts: list[str]) -> list[list[float]]:
         """MiniLM vectors of `texts`, remembered: the same passages are cited again and again."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_TEMPLATES, tiny_chat_tokenizer
 
 from domainchat.domains import load_domain
 from domainchat.engine import Engine
@@ -140,6 +141,7 @@ def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Pa
     from transformers import AutoTokenizer
 
     from domainchat import prompts
+    from domainchat.chat_template import ChatTemplate
     from domainchat.knowledge import Passage
     from domainchat.train import Example, tokenize_example
 
@@ -149,14 +151,35 @@ def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Pa
     passages = [Passage(id="a:0:x", source="ira.md", title="IRAs", score=0.9, text="The 2025 limit is $7,000.")]
     example = Example(kind="grounded", question="What is the Roth IRA limit?", history=(), source="ira.md",
                       answer="It is $7,000 [1].", line=1)
-    ids, labels = tokenize_example(tokenizer, domain, example, passages, example.answer, 2048)
+    ids, labels = tokenize_example(ChatTemplate.of(tokenizer), domain, example, passages, example.answer, 2048)
     served = prompts.render(domain, example.question, (), passages, budget=2048,
                             count_tokens=lambda t: len(tokenizer.encode(t, add_special_tokens=False)),
-                            with_few_shot=prompts.few_shot_for(with_adapter=True))
+                            message_overhead=5, with_few_shot=prompts.few_shot_for(with_adapter=True))
     prompt = tokenizer.apply_chat_template(served.messages, add_generation_prompt=True, tokenize=True)
     prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
     assert ids[: len(prompt)] == list(prompt) and all(label == -100 for label in labels[: len(prompt)])
     assert tokenizer.decode(ids[len(prompt):], skip_special_tokens=True).strip() == example.answer
+    assert ids[-1] == labels[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>"), "ChatML's end of turn, no newline"
+
+
+@pytest.mark.parametrize("family", sorted(TINY_TEMPLATES))
+def test_examples_end_with_the_base_models_own_end_of_turn(family: str, domains_dir: Path) -> None:
+    """A base model that is not ChatML learns to close its replies as its template does."""
+    from domainchat.chat_template import ChatTemplate
+    from domainchat.knowledge import Passage
+    from domainchat.train import Example, tokenize_example
+
+    tokenizer = tiny_chat_tokenizer(family)
+    domain = load_domain(domains_dir / "finance")
+    passages = [Passage(id="a:0:x", source="ira.md", title="IRAs", score=0.9, text="The limit is 7,000 dollars.")]
+    example = Example(kind="grounded", question="What is the Roth IRA limit?", history=(("Hi", "Hello"),),
+                      source="ira.md", answer="It is 7,000 dollars [1].", line=1)
+    ids, labels = tokenize_example(ChatTemplate.of(tokenizer), domain, example, passages, example.answer, 4096)
+    answer = [label for label in labels if label != -100]
+    end_of_turn = TINY_TEMPLATES[family][2]
+    assert tokenizer.decode(answer) == example.answer + end_of_turn and ids[-len(answer):] == answer
+    prompt = tokenizer.decode(ids[: len(ids) - len(answer)])
+    assert domain.system_prompt in prompt and example.question in prompt and "<|im_start|>" not in prompt
 
 
 def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domain, tmp_path: Path) -> None:
