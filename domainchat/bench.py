@@ -196,7 +196,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
                  {"role": "user", "content": "What is APR?"}]
         report["ttft_short_s"] = round(statistics.median(
             _timed_stream(engine, short, usable[0], one_token)[0] for _ in range(runs)), 3)
-        store = KnowledgeStore.open(settings.home, settings.chroma_url)
+        store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
         question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
         passages = store.search(domain.id, question, domain.retrieval.k)
         adapter = domain.id if engine.available(domain.id) else None
@@ -274,7 +274,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
             sections = [f"## Section {f}-{i}\n" + ". ".join(rng.choice(sentences) for _ in range(3)) + "."
                         for i in range(100)]
             (docs / f"doc{f:03d}.md").write_text(f"# Synthetic {f}\n\n" + "\n\n".join(sections), encoding="utf-8")
-        bench_store = KnowledgeStore.open(tmp_path / "home", None, store.embeddings)
+        bench_store = KnowledgeStore.open(tmp_path / "home", None, store.embeddings, store.embed_model)
         t0 = time.perf_counter()
         ingest = bench_store.ingest("bench", [docs])
         report["ingest_chunks"] = ingest.chunks_added

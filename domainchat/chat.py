@@ -178,7 +178,7 @@ class Assistant:
         engine.warm_up()
         store = knowledge
         if store is None:
-            store = KnowledgeStore.open(settings.home, settings.chroma_url)
+            store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
             sync_knowledge(store, settings, registry)
             store.embeddings.embed_query("warm up")
         return cls(settings, registry, engine, store)

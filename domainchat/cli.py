@@ -136,7 +136,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     domain = load_registry(settings.domains_dir).get(args.domain)
-    store = KnowledgeStore.open(settings.home, settings.chroma_url)
+    store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
     with tqdm(total=0, unit="file", desc=f"ingest {domain.id}", disable=args.json, file=sys.stderr) as bar:
 
         def progress(done: int, total: int, current: str) -> None:
@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     domain = registry.get(args.domain)
     config = train.TrainingConfig.from_domain(domain, epochs=args.epochs, max_steps=args.max_steps, qlora=args.qlora)
     out = Path(args.out) if args.out else settings.adapters_dir / domain.id
-    store = KnowledgeStore.open(settings.home, settings.chroma_url)
+    store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
     sync_knowledge(store, settings, registry)
     with tqdm(total=0, unit="step", desc=f"train {domain.id}", file=sys.stderr) as bar:
 

@@ -240,9 +240,9 @@ def domains_dir() -> Path:
 @pytest.fixture(scope="session")
 def embeddings():
     """The real bundled all-MiniLM-L6-v2, loaded once for the whole session."""
-    from domainchat.knowledge import MiniLMEmbeddings
+    from domainchat.knowledge import SentenceEmbeddings
 
-    return MiniLMEmbeddings()
+    return SentenceEmbeddings()
 
 
 @pytest.fixture

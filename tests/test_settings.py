@@ -39,6 +39,8 @@ def test_space_defaults_to_the_hub_model() -> None:
         ("DOMAINCHAT_PROMPT_TOKENS", "100", "DOMAINCHAT_PROMPT_TOKENS=100 must be at least 256"),
         ("DOMAINCHAT_LLM_TIMEOUT", "soon", "DOMAINCHAT_LLM_TIMEOUT='soon' must be a number"),
         ("DOMAINCHAT_MAX_UPLOAD_FILES", "0", "DOMAINCHAT_MAX_UPLOAD_FILES"),
+        ("DOMAINCHAT_EMBED_MODEL", "/no/such/folder", "DOMAINCHAT_EMBED_MODEL='/no/such/folder' is neither a folder"),
+        ("DOMAINCHAT_EMBED_MODEL", "my model", "DOMAINCHAT_EMBED_MODEL='my model' is neither a folder nor"),
     ],
 )
 def test_bad_values_name_the_variable(key: str, value: str, message: str) -> None:
@@ -56,3 +58,9 @@ def test_serving_limits_are_read_from_the_environment() -> None:
                               "DOMAINCHAT_LLM_TIMEOUT": "2.5", "DOMAINCHAT_MAX_UPLOAD_FILES": "3"})
     assert (settings.max_active, settings.max_waiting, settings.max_new_tokens) == (2, 0, 64)
     assert (settings.prompt_tokens, settings.llm_timeout_s, settings.max_upload_files) == (1024, 2.5, 3)
+
+
+def test_embedding_model_is_bundled_a_folder_or_a_hub_id(tmp_path: Path) -> None:
+    assert load_settings({}).embed_model == BUNDLED
+    assert load_settings({"DOMAINCHAT_EMBED_MODEL": str(tmp_path)}).embed_model == str(tmp_path)
+    assert load_settings({"DOMAINCHAT_EMBED_MODEL": " BAAI/bge-small-en-v1.5 "}).embed_model == "BAAI/bge-small-en-v1.5"
