@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from domainchat.errors import ModelUnavailable
+
 log = logging.getLogger(__name__)
 
 # A reply no template changes (no whitespace to strip, no markup), found again in the rendered text.
@@ -41,6 +43,9 @@ class ChatTemplate:
 
     @classmethod
     def of(cls, tokenizer: Any) -> ChatTemplate:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelUnavailable(f"The base model '{tokenizer.name_or_path}' has no chat template, so it cannot "
+                                   "hold a conversation: set DOMAINCHAT_BASE_MODEL to an instruct (chat) model.")
         opening, closing = _reply_frame(tokenizer)
         end_text, end_token = _end_of_turn(tokenizer, closing)
         stops = {tokenizer.eos_token_id}

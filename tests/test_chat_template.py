@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY_TEMPLATES, tiny_chat_tokenizer
 
 from domainchat.chat_template import ChatTemplate
+from domainchat.errors import ModelUnavailable
 
 MESSAGES = [{"role": "system", "content": "Answer from the passages."}, {"role": "user", "content": "What is APR?"},
             {"role": "assistant", "content": "It is the yearly rate [1]."}, {"role": "user", "content": "And APY?"}]
@@ -28,6 +29,13 @@ def test_turns_are_read_from_the_template(family: str) -> None:
     grown = (len(template.prompt_ids(MESSAGES, add_generation_prompt=False))
              - len(template.prompt_ids(MESSAGES[:-1], add_generation_prompt=False)))
     assert grown == len(tokenizer.encode(MESSAGES[-1]["content"], add_special_tokens=False)) + template.message_overhead
+
+
+def test_a_model_without_a_chat_template_is_refused_with_what_to_do() -> None:
+    tokenizer = tiny_chat_tokenizer("zephyr")
+    tokenizer.chat_template = None
+    with pytest.raises(ModelUnavailable, match="no chat template.*DOMAINCHAT_BASE_MODEL to an instruct"):
+        ChatTemplate.of(tokenizer)
 
 
 def test_smollm2_ids_are_those_of_the_former_chatml_constants(base_checkpoint: Path) -> None:
