@@ -196,13 +196,13 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
                  {"role": "user", "content": "What is APR?"}]
         report["ttft_short_s"] = round(statistics.median(
             _timed_stream(engine, short, usable[0], one_token)[0] for _ in range(runs)), 3)
-        store = KnowledgeStore.open(settings.home, settings.chroma_url)
+        store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
         question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
         passages = store.search(domain.id, question, domain.retrieval.k)
         adapter = domain.id if engine.available(domain.id) else None
         with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
         rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048,
-                                  with_few_shot=with_few_shot)
+                                  message_overhead=engine.message_overhead, with_few_shot=with_few_shot)
         fixed = 1 + (2 * len(domain.few_shot) if with_few_shot else 0)
         report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
         report["ttft_rag_s"] = round(statistics.median(
@@ -216,7 +216,8 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         # as in serving): how long the running answer pauses, and how long the last newcomer waits.
         questions = (list(domain.example_questions) + [question] * 3)[:3]
         arrivals = [prompts.render(domain, q, (), store.search(domain.id, q, domain.retrieval.k),
-                                   count_tokens=engine.count_tokens, budget=2048, with_few_shot=with_few_shot).messages
+                                   count_tokens=engine.count_tokens, budget=2048,
+                                   message_overhead=engine.message_overhead, with_few_shot=with_few_shot).messages
                     for q in questions]
         stalls, lasts = [], []
         for _ in range(runs):
@@ -273,7 +274,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
             sections = [f"## Section {f}-{i}\n" + ". ".join(rng.choice(sentences) for _ in range(3)) + "."
                         for i in range(100)]
             (docs / f"doc{f:03d}.md").write_text(f"# Synthetic {f}\n\n" + "\n\n".join(sections), encoding="utf-8")
-        bench_store = KnowledgeStore.open(tmp_path / "home", None, store.embeddings)
+        bench_store = KnowledgeStore.open(tmp_path / "home", None, store.embeddings, store.embed_model)
         t0 = time.perf_counter()
         ingest = bench_store.ingest("bench", [docs])
         report["ingest_chunks"] = ingest.chunks_added

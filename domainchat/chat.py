@@ -180,7 +180,7 @@ class Assistant:
         engine.warm_up()
         store = knowledge
         if store is None:
-            store = KnowledgeStore.open(settings.home, settings.chroma_url)
+            store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
             sync_knowledge(store, settings, registry)
             store.embeddings.embed_query("warm up")
         return cls(settings, registry, engine, store)
@@ -276,7 +276,8 @@ class Assistant:
                passages: list[Passage] | None, use_few_shot: bool, max_new_tokens: int) -> prompts.Rendered:
         budget = min(self.settings.prompt_tokens, self.engine.context_window - max_new_tokens)
         return prompts.render(domain, question, history, passages, count_tokens=self.engine.count_tokens,
-                              budget=budget, with_few_shot=use_few_shot)
+                              budget=budget, message_overhead=self.engine.message_overhead,
+                              with_few_shot=use_few_shot)
 
     def _embed_sentences(self, texts: list[str]) -> list[list[float]]:
         """MiniLM vectors of `texts`, remembered: the same passages are cited again and again."""

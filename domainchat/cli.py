@@ -136,7 +136,7 @@ def _domain_store(domain_id: str, *, sync: bool = False) -> tuple[str, Knowledge
 
     settings = load_settings()
     domain = load_registry(settings.domains_dir).get(domain_id)
-    store = KnowledgeStore.open(settings.home, settings.chroma_url)
+    store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
     if sync:
         store.sync_folder(domain.id, settings.knowledge_dir / domain.id)
     return domain.id, store
@@ -219,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     domain = registry.get(args.domain)
     config = train.TrainingConfig.from_domain(domain, epochs=args.epochs, max_steps=args.max_steps, qlora=args.qlora)
     out = Path(args.out) if args.out else settings.adapters_dir / domain.id
-    store = KnowledgeStore.open(settings.home, settings.chroma_url)
+    store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
     sync_knowledge(store, settings, registry)
     with tqdm(total=0, unit="step", desc=f"train {domain.id}", file=sys.stderr) as bar:
 

@@ -12,7 +12,8 @@ grounding hooks: a `reply_start` the model continues and `GenerationParams.allow
 the number guard turns into a mask before sampling.
 
 The engine knows nothing about domains, prompts or retrieval: it is given messages, an adapter
-name and sampling parameters, and yields text.
+name and sampling parameters, and yields text. What the tokenizer's chat template says (how a
+prompt is rendered, which tokens end a reply) comes from chat_template.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from domainchat import adapters, base_model
 from domainchat.batcher import Batcher, PrefixCache, Request
+from domainchat.chat_template import ChatTemplate
 from domainchat.errors import BadInput, ModelUnavailable, TooLarge
 from domainchat.generation import DEFAULT_PARAMS, AdapterStatus, GenerationParams, Messages
 from domainchat.number_guard import NumberGuard
@@ -55,8 +57,9 @@ class Engine:
         self._served = False  # set at the first forward pass; see _load_adapters
         self._prefixes = PrefixCache()
         self._closed = False
-        end_of_turn = (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-        self._stop_ids = {i for i in end_of_turn if isinstance(i, int) and i >= 0}
+        self.template = ChatTemplate.of(tokenizer)
+        self.message_overhead = self.template.message_overhead
+        self._stop_ids = set(self.template.stop_ids)
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         self._decoder = None  # a decoder.LeanDecoder once use_lean_decoder() succeeds
         self._batcher: Batcher | None = None
@@ -243,11 +246,8 @@ class Engine:
         return self._template_ids(messages, add_generation_prompt=True)
 
     def _template_ids(self, messages: Messages, add_generation_prompt: bool) -> torch.Tensor:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                 return_tensors="pt")
-        if not torch.is_tensor(ids):
-            ids = ids["input_ids"]
-        return ids.to(self.device)
+        ids = self.template.prompt_ids(messages, add_generation_prompt)
+        return torch.tensor([ids], device=self.device)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -336,8 +336,7 @@ class Engine:
         if not self.available(adapter):
             raise BadInput(f"Adapter '{adapter}' cannot be used.")
         prompt = self.encode(messages)
-        reply = self.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt")
-        reply = reply.to(self.device)
+        reply = torch.tensor([self.template.reply_ids(answer)], device=self.device)
         ids = torch.cat([prompt, reply], dim=1)
         if ids.shape[1] > self.context_window:
             raise TooLarge(f"{ids.shape[1]} tokens exceed the model's context window ({self.context_window}).")

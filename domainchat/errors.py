@@ -30,6 +30,11 @@ class TooLarge(BadInput):
     """An input is over an explicit limit (question length, file size, tokens)."""
 
 
+class EmbeddingMismatch(ConfigError):
+    """A knowledge store was built with another embedding model than DOMAINCHAT_EMBED_MODEL names: its
+    vectors and the question's would not be comparable."""
+
+
 class StoreInUse(DomainchatError):
     """Another process holds the embedded knowledge store."""
 

@@ -340,7 +340,8 @@ def _throwaway_assistant(assistant: Assistant, domain_id: str, folder: Path, hom
     """The same engine over a fresh embedded store holding only `folder`'s documents for the domain."""
     from domainchat.knowledge import KnowledgeStore
 
-    store = KnowledgeStore.open(home, None, getattr(assistant.knowledge, "embeddings", None))
+    store = KnowledgeStore.open(home, None, getattr(assistant.knowledge, "embeddings", None),
+                                assistant.settings.embed_model)
     report = store.ingest(domain_id, [folder], origin="eval")
     if report.errors:
         raise BadInput(f"{folder}: could not ingest {report.errors[0]}.")

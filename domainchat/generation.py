@@ -48,6 +48,7 @@ class GenerationEngine(Protocol):
 
     adapters: dict[str, AdapterStatus]
     context_window: int
+    message_overhead: int  # tokens the chat template adds around each message's content (prompts.render)
     base_source: str
     quant: str
 

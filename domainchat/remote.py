@@ -29,6 +29,8 @@ CONNECT_TIMEOUT_S = 5.0
 # The server's tokenizer is not here; budgeting at 3 UTF-8 bytes per token overestimates English
 # BPE (~4) so that a rendered prompt never overflows the server's context.
 BYTES_PER_TOKEN = 3
+# Nor is its chat template: ChatML's cost per message, the byte estimate above leaving the margin.
+MESSAGE_OVERHEAD_TOKENS = 5
 REMOTE_CONTEXT_TOKENS = 8192
 
 
@@ -42,6 +44,7 @@ class RemoteEngine:
     """The GenerationEngine interface (generation.py) over HTTP."""
 
     context_window = REMOTE_CONTEXT_TOKENS
+    message_overhead = MESSAGE_OVERHEAD_TOKENS
     quant = "remote"
 
     def __init__(self, url: str, adapter_names: Iterable[str], *, adapter_template: str = "{adapter}",

@@ -8,6 +8,7 @@ nothing about models, domains or retrieval beyond their paths and names.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ DECODER_CHOICES = ("lean", "transformers")
 BUNDLED = "bundled"
 # On a Hugging Face Space the GGUF package is not installed; the Hub copy of the same model is.
 SPACE_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Settings:
     home: Path
     base_model: str = BUNDLED
     quant: str = "nf4"
+    embed_model: str = BUNDLED  # `bundled` (all-MiniLM-L6-v2), a sentence-transformers folder or Hub id
     chroma_url: str | None = None
     llm_url: str | None = None
     llm_adapter_name: str = "{adapter}"  # the model name a generation server gives each adapter
@@ -65,6 +68,12 @@ class Settings:
             )
         if not self.base_model.strip():
             raise ConfigError("DOMAINCHAT_BASE_MODEL is empty: use 'bundled', a Hugging Face id or a folder.")
+        embed = Path(self.embed_model).expanduser()
+        if self.embed_model != BUNDLED and not embed.is_dir():
+            if self.embed_model.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(self.embed_model):
+                raise ConfigError(f"DOMAINCHAT_EMBED_MODEL={self.embed_model!r} is neither a folder nor a Hugging Face "
+                                  "id: point it at a sentence-transformers model folder, give a Hub id from the local "
+                                  "cache, or unset it for the bundled all-MiniLM-L6-v2.")
         for name, url in (("DOMAINCHAT_CHROMA_URL", self.chroma_url), ("DOMAINCHAT_LLM_URL", self.llm_url)):
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{name}={url!r} must start with http:// or https://.")
@@ -125,6 +134,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         home=path("DOMAINCHAT_HOME", _default_home(env)),
         base_model=env.get("DOMAINCHAT_BASE_MODEL", "").strip() or default_base,
         quant=env.get("DOMAINCHAT_QUANT", "").strip().lower() or "nf4",
+        embed_model=env.get("DOMAINCHAT_EMBED_MODEL", "").strip() or BUNDLED,
         chroma_url=env.get("DOMAINCHAT_CHROMA_URL", "").strip() or None,
         llm_url=env.get("DOMAINCHAT_LLM_URL", "").strip() or None,
         llm_adapter_name=env.get("DOMAINCHAT_LLM_ADAPTER_NAME", "").strip() or "{adapter}",

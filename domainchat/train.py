@@ -3,10 +3,11 @@
 Owns the training data format (`domains/<id>/train.jsonl`), turning each example into the exact
 prompt inference will send (`prompts.render` with passages retrieved by the same knowledge store,
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
-passage's number), the loss on assistant tokens only, and the adapter folder it writes: 16-bit
-weights, adapter_config.json, a training card and a loss curve. With feedback, the liked and
-corrected answers people gave (`feedback.py` says which) join the data, rendered with the passages
-those answers had. It knows nothing about serving.
+passage's number), the loss on assistant tokens only (the answer and the end-of-turn text the base
+model's chat template closes a reply with, from chat_template.py), and the adapter folder it
+writes: 16-bit weights, adapter_config.json, a training card and a loss curve. With feedback, the
+liked and corrected answers people gave (`feedback.py` says which) join the data, rendered with the
+passages those answers had. It knows nothing about serving.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from domainchat import feedback, prompts
+from domainchat.chat_template import ChatTemplate
 from domainchat.domains import Domain
 from domainchat.errors import BadInput, ConfigError
 from domainchat.knowledge import KnowledgeStore, Passage
@@ -150,22 +152,21 @@ def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> t
     return passages, example.answer.replace(CITE, f"[{position + 1}]")
 
 
-def tokenize_example(tokenizer, domain: Domain, example: Example, passages: list[Passage] | None,
+def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, passages: list[Passage] | None,
                      answer: str, max_length: int) -> tuple[list[int], list[int]] | None:
     """(input ids, labels) with the loss on the answer only; None when no answer token fits."""
     def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
+        return len(template.tokenizer.encode(text, add_special_tokens=False))
 
-    answer_ids = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    answer_ids = template.reply_ids(answer)
     budget = max_length - len(answer_ids) - 8
     if budget <= 0:
         return None
     rendered = prompts.render(domain, example.question, example.history, passages, count_tokens=count, budget=budget,
+                              message_overhead=template.message_overhead,
                               with_few_shot=prompts.few_shot_for(with_adapter=True))
-    prompt_ids = tokenizer.apply_chat_template(rendered.messages, add_generation_prompt=True, tokenize=True)
-    if not isinstance(prompt_ids, list):
-        prompt_ids = prompt_ids["input_ids"]
-    ids = (list(prompt_ids) + answer_ids)[:max_length]
+    prompt_ids = template.prompt_ids(rendered.messages)
+    ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
     if all(label == IGNORE for label in labels):
         return None
@@ -174,6 +175,7 @@ def tokenize_example(tokenizer, domain: Domain, example: Example, passages: list
 
 def build_dataset(tokenizer, domain: Domain, examples: list[Example], store: KnowledgeStore,
                   max_length: int) -> list[tuple[list[int], list[int]]]:
+    template = ChatTemplate.of(tokenizer)
     stop_rules = {r.message.strip() for r in domain.risk_rules if r.action == "stop"}
     rows = []
     for example in examples:
@@ -183,7 +185,7 @@ def build_dataset(tokenizer, domain: Domain, examples: list[Example], store: Kno
             passages, answer = None, example.answer
         else:
             passages, answer = _cite_passages(store, domain, example)
-        row = tokenize_example(tokenizer, domain, example, passages, answer, max_length)
+        row = tokenize_example(template, domain, example, passages, answer, max_length)
         if row is not None:
             rows.append(row)
     if not rows:
@@ -191,7 +193,7 @@ def build_dataset(tokenizer, domain: Domain, examples: list[Example], store: Kno
     return rows
 
 
-def feedback_dataset(tokenizer, domain: Domain, log: feedback.FeedbackLog, store: KnowledgeStore,
+def feedback_dataset(template: ChatTemplate, domain: Domain, log: feedback.FeedbackLog, store: KnowledgeStore,
                      max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
     """Training rows from the feedback entries that teach something (`Entry.target`), each rendered
     with the passages its answer had, in their [n] order; and a report of what was used and skipped."""
@@ -215,7 +217,7 @@ def feedback_dataset(tokenizer, domain: Domain, log: feedback.FeedbackLog, store
             skipped["sources_gone"] += 1
             continue
         example = Example(kind="feedback", question=entry.question, answer=target, history=entry.history)
-        row = tokenize_example(tokenizer, domain, example, passages, target, max_length)
+        row = tokenize_example(template, domain, example, passages, target, max_length)
         if row is None:
             skipped["too_long"] += 1
             continue
@@ -286,7 +288,8 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     feedback_report = None
     if with_feedback:
         log = feedback.read(settings.home, domain.id)
-        feedback_rows, feedback_report = feedback_dataset(tokenizer, domain, log, store, config.max_length)
+        feedback_rows, feedback_report = feedback_dataset(ChatTemplate.of(tokenizer), domain, log, store,
+                                                          config.max_length)
         rows += feedback_rows
     order = list(range(len(rows)))
     random.Random(config.seed).shuffle(order)

@@ -95,6 +95,70 @@ def make_adapter(checkpoint: Path, out: Path, seed: int, *, zero: bool = False, 
     return out
 
 
+# Chat templates of other model families, for a tiny tokenizer (tiny_chat_tokenizer): Zephyr's ends a
+# turn with the eos token `</s>` and a newline; Llama 3's with `<|eot_id|>`, which is not its eos token.
+ZEPHYR_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token"
+                   " + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+                   "{% endif %}")
+TINY_TEMPLATES = {
+    "zephyr": (ZEPHYR_TEMPLATE, "</s>", "</s>", []),  # (template, eos, end of turn, more special tokens)
+    "llama3": (LLAMA3_TEMPLATE, "<|end_of_text|>", "<|eot_id|>",
+               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+}
+
+
+def tiny_chat_tokenizer(family: str):
+    """A byte-level BPE tokenizer of a few hundred tokens, trained here in milliseconds, with the chat
+    template and special tokens of another model family (TINY_TEMPLATES): nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template, eos, _, specials = TINY_TEMPLATES[family]
+    bos = "<|begin_of_text|>" if family == "llama3" else "<s>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[bos, eos, *specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ("What is a Roth IRA? Answer from the passages. The yearly limit is 7,000 dollars [1]. "
+            "A savings account pays interest every month, and withdrawals are free twice a month.")
+    tokenizer.train_from_iterator([text] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
+                                   additional_special_tokens=[t for t in specials if t != eos], chat_template=template)
+
+
+def tiny_chat_model(family: str, out: Path, *, first: str) -> Path:
+    """A 2-layer Llama with random weights and tiny_chat_tokenizer(family), saved in `out`. Its
+    layers add nothing and every position's logits are alike: greedy picks the token `first`
+    (logit 8) over the end-of-turn token (logit 10, halved by a repetition penalty of 2, since
+    the prompt holds it), and then, `first` being penalized too, the end-of-turn token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_chat_tokenizer(family)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    end_of_turn = tokenizer.convert_tokens_to_ids(TINY_TEMPLATES[family][2])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids(first)] = 8.0 / config.hidden_size
+        model.lm_head.weight[end_of_turn] = 10.0 / config.hidden_size
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def test_adapters(base_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """alpha and beta change the model; noop does not; corrupt is garbage; otherbase fits another model."""
@@ -176,9 +240,9 @@ def domains_dir() -> Path:
 @pytest.fixture(scope="session")
 def embeddings():
     """The real bundled all-MiniLM-L6-v2, loaded once for the whole session."""
-    from domainchat.knowledge import MiniLMEmbeddings
+    from domainchat.knowledge import SentenceEmbeddings
 
-    return MiniLMEmbeddings()
+    return SentenceEmbeddings()
 
 
 @pytest.fixture

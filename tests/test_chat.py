@@ -19,6 +19,7 @@ from domainchat.settings import load_settings
 
 class RecordingEngine:
     context_window = 8192
+    message_overhead = 5
 
     def __init__(self, adapters: dict[str, AdapterStatus] | None = None) -> None:
         self.adapters = adapters or {}

@@ -93,7 +93,7 @@ def knowledge_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     (folder / "finance" / "apr.md").write_text("# APR\n\nAPR is the annual percentage rate of a loan.")
     monkeypatch.setenv("DOMAINCHAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DOMAINCHAT_KNOWLEDGE_DIR", str(folder))
-    monkeypatch.setattr(knowledge, "MiniLMEmbeddings", FakeEmbeddings)
+    monkeypatch.setattr(knowledge, "SentenceEmbeddings", lambda model: FakeEmbeddings())
     return folder
 
 

@@ -1,4 +1,5 @@
-"""Engine tests on the real bundled model (nf4 on CPU) with adapters made by peft."""
+"""Engine tests on the real bundled model (nf4 on CPU) with adapters made by peft (slow: their fixtures
+load it), and on tiny random models with other families' chat templates (quick)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TEMPLATES, tiny_chat_model
 
 from domainchat.engine import Engine
 from domainchat.errors import BadInput, ModelUnavailable
 from domainchat.generation import GenerationParams
 from domainchat.settings import Settings, load_settings
-
-pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is a Roth IRA?"}]
 
@@ -161,3 +161,30 @@ def test_decoder_setting_chooses_the_generation_path(settings: Settings, base_ch
     engine.close()  # idempotent
     with pytest.raises(ModelUnavailable, match="shut down"):
         engine.complete(QUESTION, None, GREEDY)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_TEMPLATES))
+def test_a_model_with_another_chat_template_is_rendered_and_stopped_by_it(family: str, tmp_path: Path) -> None:
+    """Zephyr ends a turn with its eos `</s>`; Llama 3 with `<|eot_id|>`, which is not its eos token."""
+    folder = tiny_chat_model(family, tmp_path / family, first="Z")
+    settings = load_settings({"DOMAINCHAT_HOME": str(tmp_path / "home"), "DOMAINCHAT_BASE_MODEL": str(folder),
+                              "DOMAINCHAT_QUANT": "none", "DOMAINCHAT_DECODER": "transformers"})
+    engine = Engine.start(settings, {})
+    try:
+        tokenizer = engine.tokenizer
+        messages = [{"role": "system", "content": "Answer from the passages."}, QUESTION[0]]
+        ids = engine.encode(messages)
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tokenizer.decode(ids[0]) == expected and "<|im_start|>" not in expected
+        end_of_turn = tokenizer.convert_tokens_to_ids(TINY_TEMPLATES[family][2])
+        first = tokenizer.convert_tokens_to_ids("Z")
+        assert end_of_turn in ids[0].tolist() and first not in ids[0].tolist()  # see tiny_chat_model
+
+        params = GenerationParams(max_new_tokens=8, temperature=0.0, repetition_penalty=2.0, no_repeat_ngram=0)
+        assert list(engine._tokens_transformers(messages, ids, None, params, None, 0)) == [first], \
+            "the end-of-turn token ends the reply"
+        assert engine.complete(messages, None, params) == "Z"
+        nll, tokens = engine.answer_nll(messages, "Z")
+        assert tokens == 2, "the reply and the template's end-of-turn token"
+    finally:
+        engine.close()

@@ -441,3 +441,46 @@ def test_fronts_on_one_chroma_server_see_each_others_uploads_and_removals(chroma
     assert set(front_a.removed("medical")) == {"roth.md"}
     front_a.sync_folder("medical", folder)  # front A restarting: the removal holds
     assert [d.source for d in front_b.documents("medical")] == ["budget.md"]
+
+
+def test_a_store_refuses_another_embedding_model(tmp_path: Path) -> None:
+    """Vectors of two models are not comparable: a collection records its builder, and a store with
+    another model neither searches nor writes it. No model is loaded: the embedder is a stand-in."""
+    from conftest import FakeEmbeddings
+
+    from domainchat.errors import EmbeddingMismatch
+
+    home, doc = tmp_path / "home", write(tmp_path, "budget.md", BUDGET)
+    bundled = KnowledgeStore.open(home, None, FakeEmbeddings())
+    bundled.ingest("finance", [doc])
+    other_model = tmp_path / "e5-small"
+    other_model.mkdir()
+    other = KnowledgeStore.open(home, None, FakeEmbeddings(), embed_model=str(other_model))
+    with pytest.raises(EmbeddingMismatch, match=r"built with the embedding model 'sentence-transformers/all-MiniLM-L6"
+                                                r"-v2', but DOMAINCHAT_EMBED_MODEL names 'e5-small'.*unset it.*"
+                                                r"fresh store \(a new DOMAINCHAT_HOME"):
+        other.search("finance", "How should I split my pay?", 2)
+    with pytest.raises(EmbeddingMismatch):
+        other.ingest("finance", [doc])
+
+    other.ingest("legal", [doc])  # a new collection records the model that builds it
+    with pytest.raises(EmbeddingMismatch, match="'e5-small'.*set it back to the model 'e5-small'"):
+        KnowledgeStore.open(home, None, FakeEmbeddings()).search("legal", "pay", 2)
+    copied = tmp_path / "elsewhere" / "e5-small"  # the same model in another folder is still itself
+    copied.mkdir(parents=True)
+    assert KnowledgeStore.open(home, None, FakeEmbeddings(), embed_model=str(copied)).search("legal", "pay", 2)
+
+    # A collection written before the record existed was built with the bundled MiniLM.
+    bundled.client.get_or_create_collection(knowledge.COLLECTION_PREFIX + "medical",
+                                            metadata=knowledge.COLLECTION_METADATA, embedding_function=None)
+    assert KnowledgeStore.open(home, None, FakeEmbeddings()).count("medical") == 0
+    with pytest.raises(EmbeddingMismatch):
+        other.count("medical")
+
+
+@pytest.mark.slow
+def test_an_embedding_model_that_cannot_load_names_the_variable(tmp_path: Path) -> None:
+    from domainchat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"DOMAINCHAT_EMBED_MODEL=.*: cannot load it as a sentence-transformers"):
+        knowledge.SentenceEmbeddings(str(tmp_path))

@@ -39,6 +39,8 @@ def test_space_defaults_to_the_hub_model() -> None:
         ("DOMAINCHAT_PROMPT_TOKENS", "100", "DOMAINCHAT_PROMPT_TOKENS=100 must be at least 256"),
         ("DOMAINCHAT_LLM_TIMEOUT", "soon", "DOMAINCHAT_LLM_TIMEOUT='soon' must be a number"),
         ("DOMAINCHAT_MAX_UPLOAD_FILES", "0", "DOMAINCHAT_MAX_UPLOAD_FILES"),
+        ("DOMAINCHAT_EMBED_MODEL", "/no/such/folder", "DOMAINCHAT_EMBED_MODEL='/no/such/folder' is neither a folder"),
+        ("DOMAINCHAT_EMBED_MODEL", "my model", "DOMAINCHAT_EMBED_MODEL='my model' is neither a folder nor"),
     ],
 )
 def test_bad_values_name_the_variable(key: str, value: str, message: str) -> None:
@@ -66,3 +68,9 @@ def test_knowledge_editing_needs_a_password_on_a_space() -> None:
         settings = load_settings({"DOMAINCHAT_HOME": "/tmp/x", **env})
         assert settings.knowledge_editing == "password"
         assert settings.admin_password == " s3cret " and "s3cret" not in repr(settings)
+
+
+def test_embedding_model_is_bundled_a_folder_or_a_hub_id(tmp_path: Path) -> None:
+    assert load_settings({}).embed_model == BUNDLED
+    assert load_settings({"DOMAINCHAT_EMBED_MODEL": str(tmp_path)}).embed_model == str(tmp_path)
+    assert load_settings({"DOMAINCHAT_EMBED_MODEL": " BAAI/bge-small-en-v1.5 "}).embed_model == "BAAI/bge-small-en-v1.5"

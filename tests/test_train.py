@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_TEMPLATES, tiny_chat_tokenizer
 
 from domainchat.domains import load_domain
 from domainchat.engine import Engine
@@ -140,6 +141,7 @@ def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Pa
     from transformers import AutoTokenizer
 
     from domainchat import prompts
+    from domainchat.chat_template import ChatTemplate
     from domainchat.knowledge import Passage
     from domainchat.train import Example, tokenize_example
 
@@ -149,14 +151,35 @@ def test_training_prompt_is_the_prompt_the_adapter_is_served(base_checkpoint: Pa
     passages = [Passage(id="a:0:x", source="ira.md", title="IRAs", score=0.9, text="The 2025 limit is $7,000.")]
     example = Example(kind="grounded", question="What is the Roth IRA limit?", history=(), source="ira.md",
                       answer="It is $7,000 [1].", line=1)
-    ids, labels = tokenize_example(tokenizer, domain, example, passages, example.answer, 2048)
+    ids, labels = tokenize_example(ChatTemplate.of(tokenizer), domain, example, passages, example.answer, 2048)
     served = prompts.render(domain, example.question, (), passages, budget=2048,
                             count_tokens=lambda t: len(tokenizer.encode(t, add_special_tokens=False)),
-                            with_few_shot=prompts.few_shot_for(with_adapter=True))
+                            message_overhead=5, with_few_shot=prompts.few_shot_for(with_adapter=True))
     prompt = tokenizer.apply_chat_template(served.messages, add_generation_prompt=True, tokenize=True)
     prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
     assert ids[: len(prompt)] == list(prompt) and all(label == -100 for label in labels[: len(prompt)])
     assert tokenizer.decode(ids[len(prompt):], skip_special_tokens=True).strip() == example.answer
+    assert ids[-1] == labels[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>"), "ChatML's end of turn, no newline"
+
+
+@pytest.mark.parametrize("family", sorted(TINY_TEMPLATES))
+def test_examples_end_with_the_base_models_own_end_of_turn(family: str, domains_dir: Path) -> None:
+    """A base model that is not ChatML learns to close its replies as its template does."""
+    from domainchat.chat_template import ChatTemplate
+    from domainchat.knowledge import Passage
+    from domainchat.train import Example, tokenize_example
+
+    tokenizer = tiny_chat_tokenizer(family)
+    domain = load_domain(domains_dir / "finance")
+    passages = [Passage(id="a:0:x", source="ira.md", title="IRAs", score=0.9, text="The limit is 7,000 dollars.")]
+    example = Example(kind="grounded", question="What is the Roth IRA limit?", history=(("Hi", "Hello"),),
+                      source="ira.md", answer="It is 7,000 dollars [1].", line=1)
+    ids, labels = tokenize_example(ChatTemplate.of(tokenizer), domain, example, passages, example.answer, 4096)
+    answer = [label for label in labels if label != -100]
+    end_of_turn = TINY_TEMPLATES[family][2]
+    assert tokenizer.decode(answer) == example.answer + end_of_turn and ids[-len(answer):] == answer
+    prompt = tokenizer.decode(ids[: len(ids) - len(answer)])
+    assert domain.system_prompt in prompt and example.question in prompt and "<|im_start|>" not in prompt
 
 
 def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domain, tmp_path: Path) -> None:
@@ -197,6 +220,7 @@ class CharTokenizer:
 
 def test_feedback_examples_skip_what_cannot_teach_and_count_it(tiny_domain, tmp_path: Path) -> None:
     from domainchat import feedback
+    from domainchat.chat_template import ChatTemplate
     from domainchat.train import feedback_dataset
 
     domain, store = tiny_domain
@@ -217,7 +241,10 @@ def test_feedback_examples_skip_what_cannot_teach_and_count_it(tiny_domain, tmp_
     give(vote="down", correction="Ask the branch.", sources=[], adapter=None, abstained=True)  # a knowledge gap
     give(vote="up", answer="Long answer. " * 40)  # cuts away every answer token at max_length 256
     log = feedback.read(tmp_path, "zorblax")
-    rows, report = feedback_dataset(CharTokenizer(), domain, log, store, 256)
+    # The template of a one-token-per-character tokenizer, given rather than read from a real one.
+    template = ChatTemplate(tokenizer=CharTokenizer(), reply_opening="", end_of_turn="<end>", stop_ids=frozenset(),
+                            message_overhead=len("<user>"))
+    rows, report = feedback_dataset(template, domain, log, store, 256)
     assert report["used"] == 2 and len(rows) == 2
     assert report["skipped"] == {"no_passages": 1, "sources_gone": 1, "duplicate": 1, "too_long": 1}
     assert report["entries"] == 8 and report["unreadable_lines"] == 0 and report["sha256"] == log.sha256
@@ -232,6 +259,7 @@ def test_a_corrected_answer_trains_with_the_prompt_and_passages_it_was_given(
     from transformers import AutoTokenizer
 
     from domainchat import feedback, prompts
+    from domainchat.chat_template import ChatTemplate
     from domainchat.train import feedback_dataset
 
     domain, store = tiny_domain
@@ -243,14 +271,16 @@ def test_a_corrected_answer_trains_with_the_prompt_and_passages_it_was_given(
     feedback.record(tmp_path, "zorblax", question="And withdrawals?", history=history,
                     answer="They cost 4.5 percent [2].", sources=ids, adapter="zorblax", vote="down",
                     correction=correction)
-    rows, report = feedback_dataset(tokenizer, domain, feedback.read(tmp_path, "zorblax"), store, 1024)
+    template = ChatTemplate.of(tokenizer)
+    rows, report = feedback_dataset(template, domain, feedback.read(tmp_path, "zorblax"), store, 1024)
     assert report["used"] == 1
     [(row_ids, labels)] = rows
 
     passages = [next(p for p in store.passages_of("zorblax", "zorblax.md") if p.id == i) for i in ids]
     served = prompts.render(domain, "And withdrawals?", [tuple(t) for t in history], passages, budget=1024,
                             count_tokens=lambda t: len(tokenizer.encode(t, add_special_tokens=False)),
-                            with_few_shot=prompts.few_shot_for(with_adapter=True))
+                            with_few_shot=prompts.few_shot_for(with_adapter=True),
+                            message_overhead=template.message_overhead)
     assert served.passages == passages and served.history_turns == 1
     prompt = tokenizer.apply_chat_template(served.messages, add_generation_prompt=True, tokenize=True)
     prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])
