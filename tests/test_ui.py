@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -238,7 +239,7 @@ def test_a_reload_keeps_the_conversation_and_export_downloads_it(page) -> None:
 
 
 @pytest.mark.slow
-def test_a_dislike_and_its_correction_reach_the_feedback_file(page, app) -> None:
+def test_likes_dislikes_and_corrections_reach_the_feedback_file(page, app) -> None:
     choose_domain(page, "Health information")
     ask(page, "How long does a cold last?")
     page.locator('#chat button[aria-label="Dislike"]').last.click()
@@ -246,9 +247,14 @@ def test_a_dislike_and_its_correction_reach_the_feedback_file(page, app) -> None
     page.locator("#correction textarea").fill("A cold usually lasts 7 to 10 days [1].")
     page.locator("#save-correction").click()
     page.wait_for_function("() => document.querySelector('#correction-result')?.innerText.includes('saved')")
-    entries = [json.loads(line) for line in (app.home / "feedback" / "medical.jsonl").read_text().splitlines()]
-    assert [(e["vote"], e["correction"]) for e in entries[-2:]] == [
-        ("down", None), ("down", "A cold usually lasts 7 to 10 days [1].")]
+    page.locator('#chat button[aria-label="Like"]').last.click()  # a change of mind is recorded too
+    feedback_file = app.home / "feedback" / "medical.jsonl"
+    deadline = time.time() + 30
+    while feedback_file.read_text().count("\n") < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    entries = [json.loads(line) for line in feedback_file.read_text().splitlines()]
+    assert [(e["vote"], e["correction"]) for e in entries[-3:]] == [
+        ("down", None), ("down", "A cold usually lasts 7 to 10 days [1]."), ("up", None)]
     assert entries[-1]["question"] == "How long does a cold last?" and entries[-1]["sources"]
 
 
