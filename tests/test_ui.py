@@ -57,7 +57,11 @@ def app(settings, test_adapters, tmp_path_factory: pytest.TempPathFactory):
     wait_for_http(url, server, 300, root / "server.log")
     yield SimpleNamespace(url=url, home=home)
     server.terminate()
-    server.wait(timeout=30)
+    try:
+        server.wait(timeout=30)  # ~2 s on an idle machine (measured); shutdown is not what these tests are about
+    except subprocess.TimeoutExpired:  # seen once with the CPUs shared by an eval run: don't leave it behind
+        server.kill()
+        server.wait(timeout=30)
     log.close()
 
 
