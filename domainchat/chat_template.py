@@ -40,6 +40,9 @@ class ChatTemplate:
     end_of_turn: str  # text closing a reply, up to and including its end-of-turn token ("<|im_end|>")
     stop_ids: frozenset[int]  # the eos token and the end-of-turn token
     message_overhead: int  # tokens a message costs beyond its content's
+    # The tokenizer's special tokens as text ("</s>", "<|eot_id|>"): in a message's content they would
+    # be read as the real tokens, so a question or a document could close a turn and open another.
+    special_tokens: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, tokenizer: Any) -> ChatTemplate:
@@ -53,12 +56,21 @@ class ChatTemplate:
             stops.add(tokenizer.convert_tokens_to_ids(end_token))
         return cls(tokenizer=tokenizer, reply_opening=opening, end_of_turn=end_text,
                    stop_ids=frozenset(i for i in stops if isinstance(i, int) and i >= 0),
-                   message_overhead=_message_overhead(tokenizer))
+                   message_overhead=_message_overhead(tokenizer),
+                   special_tokens=frozenset(t for t in _special_tokens(tokenizer) if t))
 
     def prompt_ids(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """The template's token ids of `messages`, ending with the assistant's turn opening when
-        `add_generation_prompt`."""
-        return _ids(self.tokenizer, messages, add_generation_prompt)
+        `add_generation_prompt`. Special tokens written inside a message's content are removed: only
+        the template places turn markup (safety.py strips ChatML markup from user text and documents
+        already; this covers every other template's tokens, whatever the text came from)."""
+        return _ids(self.tokenizer, [{**m, "content": self.without_special_tokens(m["content"])} for m in messages],
+                    add_generation_prompt)
+
+    def without_special_tokens(self, text: str) -> str:
+        for token in sorted(self.special_tokens, key=len, reverse=True):  # "<|eot_id|>" before a shorter one in it
+            text = text.replace(token, "")
+        return text
 
     def reply_ids(self, reply: str) -> list[int]:
         """The token ids of `reply` as the assistant's turn after the prompt, end-of-turn included:
