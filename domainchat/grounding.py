@@ -206,8 +206,9 @@ def select_evidence(
     among all candidate sentences (idf), with the words of the passage heading and of a list item's
     lead-in counting half (a section's subject often lives only in its heading), plus, when `embed`
     is given, the cosine similarity of question and sentence (a list item after its lead-in); a
-    small bonus follows the passage's retrieval rank. The lead-in context took the quoted evidence
-    from 0.63-0.76 to 0.65-0.82 of key facts across the four domains' eval questions."""
+    small bonus follows the passage's retrieval rank. The lead-in context (with the opening quoting
+    items after their lead-in) took the quoted evidence from 0.63-0.76 to 0.65-0.84 of key facts
+    across the four domains' eval questions (docs/eval/eval.md)."""
     candidates: list[tuple[int, str, str, str]] = []  # (passage number, heading and lead-in, sentence, lead-in)
     embedded: list[str] = []  # what the embedding sees: a list item after its lead-in
     for number, passage in enumerate(passages, start=1):
