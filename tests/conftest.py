@@ -240,7 +240,7 @@ def domains_dir() -> Path:
 @pytest.fixture(scope="session")
 def embeddings():
     """The real bundled all-MiniLM-L6-v2, loaded once for the whole session."""
-    from domainchat.knowledge import SentenceEmbeddings
+    from domainchat.embeddings import SentenceEmbeddings
 
     return SentenceEmbeddings()
 

@@ -480,7 +480,8 @@ def test_a_store_refuses_another_embedding_model(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_an_embedding_model_that_cannot_load_names_the_variable(tmp_path: Path) -> None:
+    from domainchat import embeddings
     from domainchat.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"DOMAINCHAT_EMBED_MODEL=.*: cannot load it as a sentence-transformers"):
-        knowledge.SentenceEmbeddings(str(tmp_path))
+        embeddings.SentenceEmbeddings(str(tmp_path))
