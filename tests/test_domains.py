@@ -145,7 +145,7 @@ def test_missing_domains_folder(tmp_path: Path) -> None:
 
 
 def test_grounding_settings_are_validated(tmp_path: Path) -> None:
-    assert load_domain(write_domain(tmp_path, "plain")).grounding.evidence_sentences == 4
+    assert load_domain(write_domain(tmp_path, "plain")).grounding.evidence_sentences == 5
     folder = write_domain(tmp_path, "demo", grounding={"evidence_sentences": 0, "number_guard": False})
     grounding = load_domain(folder).grounding
     assert grounding.evidence_sentences == 0 and not grounding.number_guard

@@ -83,6 +83,36 @@ def test_near_duplicates_are_quoted_once() -> None:
     assert len(chosen) == 2 and sum("12%" in e.text for e in chosen) == 1
 
 
+def test_each_further_sentence_is_chosen_for_what_it_adds(monkeypatch) -> None:
+    import domainchat.grounding as grounding
+
+    # Cosine with the question: 0.9, 0.88 (a paraphrase of the first: cosine 0.999) and 0.8 (0.46).
+    vectors = {"Which plan fits me?": [1.0, 0.0], "Plan A suits a single device at home.": [0.9, 0.436],
+               "A single device at home is best served by plan A.": [0.88, 0.475],
+               "Families with many devices choose plan B instead.": [0.8, -0.6]}
+    passage = Passage(id="plans.md:0:a", source="plans.md", title="Plans", score=0.8,
+                      text=" ".join(list(vectors)[1:]))
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        return [vectors[t] for t in texts]
+
+    def chosen() -> list[str]:
+        return [e.text for e in select_evidence("Which plan fits me?", [passage], embed, count=2)]
+
+    assert chosen() == ["Plan A suits a single device at home.", "Families with many devices choose plan B instead."]
+    monkeypatch.setattr(grounding, "DIVERSITY", 0.0)
+    assert chosen() == ["Plan A suits a single device at home.", "A single device at home is best served by plan A."]
+
+
+def test_quoted_sentences_stay_within_the_word_budget() -> None:
+    long = "The restocking fee " + "really " * 20 + "applies to stoves."
+    passage = Passage(id="fees.md:0:a", source="fees.md", title="Fees", score=0.8,
+                      text=f"{long} The restocking fee is waived for gas stoves never lit. A fee of 12% is usual.")
+    assert [e.text for e in select_evidence("restocking fee", [passage], count=3, max_words=10)] == [long]
+    within = select_evidence("restocking fee", [passage], count=3, max_words=40)
+    assert len(within) == 2 and sum(len(e.text.split()) for e in within) <= 40
+
+
 def test_opening_cites_each_sentence_before_its_full_stop() -> None:
     from domainchat.grounding import Evidence
 
