@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from domainchat.knowledge import Passage
-from domainchat.lexical import bm25_tokens
+from domainchat.lexical import content_words
 
 Embed = Callable[[list[str]], list[list[float]]]
 
@@ -143,8 +143,8 @@ def backs(passage: str, sentence: str) -> bool:
     claim = CITATION.sub(" ", sentence)
     if not set(numbers_in(claim)) <= set(numbers_in(passage)):
         return False
-    words = {w for w in bm25_tokens(claim) if not NUMBER.fullmatch(w)}
-    return not words or len(words & set(bm25_tokens(passage))) >= BACKING_WORD_SHARE * len(words)
+    words = {w for w in content_words(claim) if not NUMBER.fullmatch(w)}
+    return not words or len(words & set(content_words(passage))) >= BACKING_WORD_SHARE * len(words)
 
 
 def backed_by(passages: Sequence[Passage], sentence: str) -> bool:
@@ -162,12 +162,12 @@ def cited_spans(answer: str, passages: Sequence[Passage]) -> dict[int, list[str]
     one sentence), or else the one sharing the most content words with it."""
     spans: dict[int, list[str]] = {}
     for sentence in sentences_of_answer(answer):
-        words = set(bm25_tokens(CITATION.sub(" ", sentence)))
+        words = set(content_words(CITATION.sub(" ", sentence)))
         for n in sorted({int(cited) for cited in CITATION.findall(sentence)}):
             if not 1 <= n <= len(passages) or not backs(passages[n - 1].text, sentence):
                 continue
             _, found = passage_sentences(passages[n - 1].text)
-            overlaps = [(len(words & tokens), len(tokens), s) for s, _ in found if (tokens := set(bm25_tokens(s)))]
+            overlaps = [(len(words & tokens), len(tokens), s) for s, _ in found if (tokens := set(content_words(s)))]
             quoted = [s for shared, size, s in overlaps if shared >= QUOTED_SHARE * size]
             if not quoted and overlaps and max(overlaps)[0]:
                 quoted = [max(overlaps)[2]]
@@ -228,9 +228,9 @@ def select_evidence(
         embedded += [f"{lead_in}: {s}" if lead_in else s for s, lead_in in found]
     if not candidates:
         return []
-    terms = set(bm25_tokens(question))
-    token_sets = [set(bm25_tokens(s)) for _, _, s, _ in candidates]
-    context_sets = [set(bm25_tokens(c)) for _, c, _, _ in candidates]
+    terms = set(content_words(question))
+    token_sets = [set(content_words(s)) for _, _, s, _ in candidates]
+    context_sets = [set(content_words(c)) for _, c, _, _ in candidates]
     total = len(candidates)
     idf = {t: math.log(1 + (total + 0.5) / (sum(t in s for s in token_sets) + 0.5)) for t in terms}
     weight = sum(idf.values()) or 1.0

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from domainchat.lexical import LexicalIndex, bm25_tokens
+from domainchat.lexical import LexicalIndex, bm25_tokens, content_words
 
 
-def test_tokens_are_lowercase_words_and_whole_numbers_without_stopwords() -> None:
-    assert bm25_tokens("What is the Roth IRA limit? It's $7,000 at 4.5%.") == [
+def test_words_are_lowercase_words_and_whole_numbers_without_stopwords() -> None:
+    assert content_words("What is the Roth IRA limit? It's $7,000 at 4.5%.") == [
         "roth", "ira", "limit", "it's", "7,000", "4.5"]
-    assert bm25_tokens("Code KX-4471") == ["code", "kx", "4471"]
-    assert bm25_tokens("the and of") == []
+    assert content_words("Code KX-4471") == ["code", "kx", "4471"]
+    assert content_words("the and of") == []
+
+
+def test_tokens_are_the_words_stems_and_numbers_stay_whole() -> None:
+    assert bm25_tokens("Backordered stoves; 12 fees of $7,000") == ["backord", "stove", "12", "fee", "7,000"]
+    assert bm25_tokens("backorder stove") == ["backord", "stove"]
+
+
+def test_a_question_finds_the_text_with_another_form_of_its_words() -> None:
+    index = LexicalIndex(["backorder", "returns"], ["Backordered items ship when stock arrives.",
+                                                    "Returned stoves are inspected."])
+    assert index.top("My order is on backorder", 2) == ["backorder"]
+    assert index.top("Can I return a stove?", 2) == ["returns"]
 
 
 def test_the_text_with_the_questions_terms_ranks_first() -> None:
