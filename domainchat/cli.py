@@ -277,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from domainchat import evaluate
+    from domainchat import eval_report, evaluate
     from domainchat.domains import load_registry
     from domainchat.settings import load_settings
 
@@ -296,12 +296,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    progress=lambda what: (bar.set_postfix_str(what), bar.update()),
                                    counterfactual=args.counterfactual, unseen=args.unseen,
                                    perplexity=not args.no_perplexity, batch=args.batch)
-    written = evaluate.write_report(report, Path(args.out))
+    written = eval_report.write_report(report, Path(args.out))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        print(evaluate.markdown(report))
-        print(evaluate.answers_markdown(report))
+        print(eval_report.markdown(report))
+        print(eval_report.answers_markdown(report))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
