@@ -424,9 +424,12 @@ class Assistant:
             # Held back until whole, then shown only when a passage backs it: most of what the model
             # adds after the quoted evidence is backed by none (see GroundingSettings.continuation).
             sentence = grounding.first_sentence(written, final=True) if continuation == "sentence" else ""
-            if safety.repeats_system_prompt(reply_start + (sentence or ""), domain.system_prompt):
+            if safety.repeats_system_prompt(reply_start, domain.system_prompt):
                 withheld = True
-            elif sentence and grounding.backed_by(rendered.passages, sentence):
+            # A sentence that repeats the instructions is left out like an unbacked one: the quoted
+            # passages before it leak nothing, and the reader still gets them.
+            elif (sentence and grounding.backed_by(rendered.passages, sentence)
+                  and not safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt)):
                 pieces.append(sentence)
                 yield Token(sentence)
         answer = "".join(pieces).strip()

@@ -75,6 +75,7 @@ class Evidence:
     text: str  # one sentence of that passage, as written there
     score: float
     lead_in: str = ""  # the lead-in of the list this sentence is an item of ("Contact a clinician if")
+    position: int = 0  # where it stands in the passages: one list's items are quoted in this order
 
 
 def numbers_in(text: str) -> list[str]:
@@ -101,9 +102,15 @@ def _is_heading(line: str, first: bool) -> bool:
     start with #): no final punctuation, and short, first in the chunk or a path. Headings are
     context for scoring, never quoted as evidence."""
     stripped = line.strip().lstrip("#").strip()
-    if not stripped or stripped.endswith((".", "!", "?", ":", ";", '"', ")")):
+    if not stripped or stripped.endswith((".", "!", "?", ":", ";")):
         return False
-    return line.lstrip().startswith("#") or " > " in stripped or first or len(stripped.split()) < 14
+    # A chunk's path may end in a parenthesis ("Type 2 Diabetes > Low blood sugar (hypoglycaemia)");
+    # elsewhere a line ending in one or in a quote is prose.
+    if line.lstrip().startswith("#") or (first and " > " in stripped):
+        return True
+    if stripped.endswith(('"', ")")):
+        return False
+    return " > " in stripped or first or len(stripped.split()) < 14
 
 
 def passage_sentences(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -247,8 +254,9 @@ def select_evidence(
     scored = [Evidence(number, sentence,
                        round(LEXICAL_WEIGHT * lex + SEMANTIC_WEIGHT * sem + RANK_BONUS / number
                              + (NUMBER_BONUS if wants_number and NUMBER.search(sentence) else 0.0), 4),
-                       lead_in)
-              for (number, _, sentence, lead_in), lex, sem in zip(candidates, lexical, semantic, strict=True)]
+                       lead_in, position)
+              for position, ((number, _, sentence, lead_in), lex, sem)
+              in enumerate(zip(candidates, lexical, semantic, strict=True))]
     # Each pick gives way to sentences that say something the chosen ones do not (maximal marginal
     # relevance): two passages often say the same thing in other words.
     redundancy = [0.0] * total  # highest cosine with a chosen sentence
@@ -279,11 +287,12 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
 def opening(evidence: Sequence[Evidence]) -> str:
     """The first line of an answer: the evidence sentences, best first, each cited with its [n]
     before its final full stop; the model continues on the next line. List items are quoted after
-    their lead-in, those of one list together, where the best of them ranks ("Contact a clinician
-    if: you have a rash with the sore throat; it lasts longer than a week [2]."): alone, "You have
-    a rash with the sore throat [2]." read as a statement, not a condition. Every quoted piece ends
-    with its [n] and a full stop, so that no sentence runs on into one its passage does not back."""
-    groups: dict[tuple[int, str], list[str]] = {}
+    their lead-in, those of one list together, in the passage's order, where the best of them
+    ranks ("Contact a clinician if: it lasts longer than a week; you have a rash with the sore
+    throat [2]."): alone, "You have a rash with the sore throat [2]." read as a statement, not a
+    condition. Every quoted piece ends with its [n] and a full stop, so that no sentence runs on
+    into one its passage does not back."""
+    groups: dict[tuple[int, str], list[Evidence]] = {}
     order: list[tuple[int, str] | Evidence] = []
     for e in evidence:
         if not e.lead_in:
@@ -293,14 +302,15 @@ def opening(evidence: Sequence[Evidence]) -> str:
         if key not in groups:
             groups[key] = []
             order.append(key)
-        groups[key].append(e.text.rstrip().rstrip(";,.:").rstrip())
+        groups[key].append(e)
     cited = []
     for item in order:
         if isinstance(item, Evidence):
             cited.append(_cite(item.text, item.number))
         else:
             number, lead_in = item
-            cited.append(_cite(f"{lead_in}: {'; '.join(groups[item])}", number))
+            items = [e.text.rstrip().rstrip(";,.:").rstrip() for e in sorted(groups[item], key=lambda e: e.position)]
+            cited.append(_cite(f"{lead_in}: {'; '.join(items)}", number))
     return " ".join(cited) + "\n" if cited else ""
 
 

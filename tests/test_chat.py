@@ -279,6 +279,15 @@ def test_a_continuation_no_passage_backs_is_not_shown(assistant: Assistant) -> N
     assert events[-1].answer == opening and assistant.engine.closed == 1
 
 
+def test_a_continuation_that_repeats_the_system_prompt_is_left_out_and_the_opening_stays(
+        assistant: Assistant) -> None:
+    instructions = " ".join(assistant.registry.get("finance").system_prompt.split()[:12]).rstrip(".") + "."
+    assistant.engine.reply = [instructions + " ", "More."]
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
+    assert instructions not in "".join(e.text for e in events if isinstance(e, Token))
+
+
 def test_a_fragment_cut_off_by_the_token_limit_is_not_shown(assistant: Assistant) -> None:
     assistant.engine.reply = ["The 2025 limit ", "applies to"]  # the model ran out of tokens mid-sentence
     events = run(assistant, "finance", "What is the Roth IRA limit?")

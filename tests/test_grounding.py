@@ -38,6 +38,10 @@ def test_sentences_skip_headings_and_list_lead_ins() -> None:
         "Cleaning and a pressure test by a technician."]
     _, shipping = passage_sentences(SHIPPING.text)
     assert shipping[0][0].endswith("11 a.m. Mountain Time."), "an abbreviation does not end a sentence"
+    heading, found = passage_sentences("Type 2 Diabetes > Low blood sugar (hypoglycaemia)\n"
+                                       "People taking insulin can develop low blood sugar.")
+    assert heading == "Type 2 Diabetes > Low blood sugar (hypoglycaemia)"
+    assert [s for s, _ in found] == ["People taking insulin can develop low blood sugar."]
 
 
 def test_list_items_carry_their_lead_in_and_quoted_claims_lose_theirs() -> None:
@@ -150,6 +154,10 @@ def test_items_of_one_list_are_quoted_together_after_their_lead_in() -> None:
     assert text.startswith("Gargling helps [2]. Contact a clinician if: ")
     assert text.count("[1]") == 1 and text.endswith(" [1].\n"), "one list, one sentence, one citation"
     assert backed_by([passage], sentences_of_answer(text)[1]), "the lead-in and its items are the passage's words"
+    later_first = [Evidence(1, "you have a rash;", 0.9, "Contact a clinician if", position=2),
+                   Evidence(1, "it lasts longer than a week;", 0.8, "Contact a clinician if", position=1)]
+    assert opening(later_first) == "Contact a clinician if: it lasts longer than a week; you have a rash [1].\n", (
+        "items in the passage's order, whatever their scores")
 
 
 def test_first_sentence_waits_for_a_whole_sentence() -> None:
