@@ -429,6 +429,7 @@ class Assistant:
             # A sentence that repeats the instructions is left out like an unbacked one: the quoted
             # passages before it leak nothing, and the reader still gets them.
             elif (sentence and grounding.backed_by(rendered.passages, sentence)
+                  and not grounding.repeats_layout(sentence, rendered.passages)
                   and not safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt)):
                 pieces.append(sentence)
                 yield Token(sentence)

@@ -162,6 +162,22 @@ def backed_by(passages: Sequence[Passage], sentence: str) -> bool:
     return any(backs(p.text, sentence) for p in passages)
 
 
+def repeats_layout(sentence: str, passages: Sequence[Passage]) -> bool:
+    """Whether `sentence` repeats how the passages are labelled rather than what they say: a source
+    file name ("Contacting Kestrel Home Support (contact-channels.md)") or a chunk's heading path
+    ending in its section ("401(k) plans > Vesting of employer contributions [1]."). The model
+    writes such lines after the quoted evidence, and the word-overlap check in `backs` lets them by.
+    A menu path in prose ("Go to Settings > Security > Two-step verification.") is not a heading."""
+    claim = CITATION.sub(" ", sentence).strip().rstrip(".!?").strip().lower()
+    for passage in passages:
+        if passage.source and passage.source.lower() in claim:
+            return True
+        first = passage.text.lstrip().split("\n", 1)[0].lstrip("#").strip().lower()
+        if " > " in claim and " > " in first and claim.rsplit(" > ", 1)[1].strip() == first.rsplit(" > ", 1)[1].strip():
+            return True
+    return False
+
+
 def cited_spans(answer: str, passages: Sequence[Passage]) -> dict[int, list[str]]:
     """passage number -> the sentences of that passage the answer drew on (the sources panel marks
     them): for each answer sentence that cites [n] and that passage n backs, the sentences of

@@ -160,43 +160,54 @@ def _rss_mb() -> float:
 
 
 def test_eight_clients_for_two_minutes_each_get_their_own_domain(client: openai.OpenAI, api_url: str) -> None:
-    """8 concurrent clients across the 4 domains (2 with an adapter, 2 on the base): every answer is
-    its domain's greedy canary answer from its own adapter, the only errors allowed are 429s, and
-    memory stays flat."""
+    """8 concurrent clients: 4 on the domains' pipelines (2 with an adapter, 2 on the base), 4 on raw
+    models. A pipeline answer opens with its domain's quoted evidence and names its own adapter; a
+    raw model's answer is its greedy canary answer from its own adapter, token for token (its short
+    prompt is prefilled in one piece, busy or not: a long prompt prefilled in chunks while others
+    answer rounds differently from a whole prefill, see batcher.py, so the model's sentence after a
+    pipeline's evidence may differ at a near-tie). The only errors allowed are 429s, and memory
+    stays flat."""
     import threading
     import time
 
     questions = {"finance": "What is an emergency fund?", "legal": "What is a contract?",
-                 "medical": "What is a fever?", "customer_service": "How do I return an item?"}
-    expected_adapter = {"finance": "finance", "legal": "legal", "medical": None, "customer_service": None}
+                 "medical": "What is a fever?", "customer_service": "How do I return an item?",
+                 "finance:raw": "What is an emergency fund?", "legal:raw": "What is a contract?",
+                 "base:raw": "What is a fever?"}
+    expected_adapter = {"finance": "finance", "legal": "legal", "medical": None, "customer_service": None,
+                        "finance:raw": "finance", "legal:raw": "legal", "base:raw": None}
     canary = {"temperature": 0, "max_tokens": 8}
 
-    def ask(domain: str, api: openai.OpenAI) -> tuple[str, str | None]:
-        reply = api.chat.completions.create(model=domain, messages=[{"role": "user", "content": questions[domain]}],
+    def ask(model: str, api: openai.OpenAI) -> tuple[str, str | None]:
+        reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": questions[model]}],
                                             **canary)
-        return reply.choices[0].message.content, reply.model_extra["adapter"]
+        text = reply.choices[0].message.content
+        # A pipeline answer: its first line, the quoted evidence (retrieval and selection only).
+        return (text if model.endswith(":raw") else text.split("\n")[0]), reply.model_extra["adapter"]
 
-    for domain in questions:
-        ask(domain, client)  # computes each domain's cached prompt prefix, as every later request uses it
-    reference = {domain: ask(domain, client) for domain in questions}
-    assert {d: a for d, (_, a) in reference.items()} == expected_adapter
+    for model in questions:
+        ask(model, client)  # computes each domain's cached prompt prefix, as every later request uses it
+    reference = {model: ask(model, client) for model in questions}
+    assert {m: a for m, (_, a) in reference.items()} == expected_adapter
+    assert all(text.endswith("].") for m, (text, _) in reference.items() if ":" not in m), "quoted evidence"
     rss_before = _rss_mb()
     results: list[tuple[str, str]] = []
     lock = threading.Lock()
     deadline = time.monotonic() + SOAK_SECONDS
+    models = [*questions, "finance:raw"]  # one client each, the eighth on a second adapter row
 
     def worker(index: int) -> None:
-        domain = list(questions)[index % 4]
+        model = models[index]
         api = openai.OpenAI(base_url=api_url, api_key="unused", max_retries=0, timeout=120)
         while time.monotonic() < deadline:
             try:
-                outcome = "ok" if ask(domain, api) == reference[domain] else "wrong answer or adapter"
+                outcome = "ok" if ask(model, api) == reference[model] else "wrong answer or adapter"
             except openai.RateLimitError:
                 outcome = "429"
             except Exception as exc:  # the test reports any other failure, whatever its type
                 outcome = f"error: {type(exc).__name__}: {exc}"
             with lock:
-                results.append((domain, outcome))
+                results.append((model, outcome))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(SOAK_CLIENTS)]
     for thread in threads:
@@ -210,7 +221,7 @@ def test_eight_clients_for_two_minutes_each_get_their_own_domain(client: openai.
     print(f"\nsoak: {len(results)} answers in {SOAK_SECONDS} s, outcomes {sorted(outcomes)}, RSS MB before "
           f"{rss_before:.0f}, warm {warm:.0f}, last {rss[-1]:.0f}, max {max(rss):.0f}")
     assert outcomes <= {"ok", "429"} and sum(o == "ok" for _, o in results) >= SOAK_CLIENTS
-    assert {d for d, o in results if o == "ok"} == set(questions)
+    assert {m for m, o in results if o == "ok"} == set(questions)
     # A leaked key/value cache is ~46 MB per 1,000-token request: a leak adds gigabytes over the ~60
     # answers here. Measured drift after warm-up: up to ~100 MB (not yet explained), hence 256.
     assert max(rss[len(rss) // 3:]) - warm < 256, "memory kept growing after the warm-up"

@@ -288,6 +288,12 @@ def test_a_continuation_that_repeats_the_system_prompt_is_left_out_and_the_openi
     assert instructions not in "".join(e.text for e in events if isinstance(e, Token))
 
 
+def test_a_continuation_that_names_its_source_file_is_left_out(assistant: Assistant) -> None:
+    assistant.engine.reply = ["The 2025 limit is $7,000 (ira.md) [1]. ", "More."]
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
+
+
 def test_a_fragment_cut_off_by_the_token_limit_is_not_shown(assistant: Assistant) -> None:
     assistant.engine.reply = ["The 2025 limit ", "applies to"]  # the model ran out of tokens mid-sentence
     events = run(assistant, "finance", "What is the Roth IRA limit?")

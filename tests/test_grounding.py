@@ -9,6 +9,7 @@ from domainchat.grounding import (
     numbers_in,
     opening,
     passage_sentences,
+    repeats_layout,
     select_evidence,
     sentences_of_answer,
     unsupported_numbers,
@@ -198,3 +199,12 @@ def test_cited_spans_are_the_passage_sentences_an_answer_drew_on() -> None:
         "Contact a clinician if:\n- you have signs of strep;\n- it lasts longer than one week;\n- you have a rash."))
     assert cited_spans("Contact a clinician if: it lasts longer than one week; you have a rash [1].", [items]) == {
         1: ["it lasts longer than one week;", "you have a rash."]}, "every item quoted in the sentence"
+
+
+def test_a_sentence_that_repeats_a_file_name_or_a_heading_path_repeats_layout() -> None:
+    vesting = Passage(id="401k.md:3:a", source="401k.md", title="401(k)", score=0.8, text=(
+        "401(k) Plans and the Employer Match > Vesting of employer contributions\nVesting can take six years."))
+    assert repeats_layout("A 401(k) plan and the Employer Match > Vesting of employer contributions [1].", [vesting])
+    assert repeats_layout("See the guide (401k.md) for details.", [vesting])
+    assert not repeats_layout("Go to Settings > Security > Two-step verification.", [vesting, RETURNS])
+    assert not repeats_layout("Vesting of employer contributions can take six years [1].", [vesting])
