@@ -5,10 +5,10 @@ of the reference answers with and without the domain's adapter, and how well gen
 keep to their passages under several configurations: key facts, the ceiling (key facts in the
 passages given), unsupported numbers, citation precision and length. With --counterfactual it
 answers again from a copy of the knowledge whose key-fact numbers are changed, and with --unseen
-from another organisation's documents (domains/<id>/unseen/), each in a throwaway store. Its report (a
-dict) is turned into files by eval_report.py. It answers through `chat.Assistant` and
-searches its knowledge store (opening throwaway stores for those two suites); it knows nothing about
-the engine, and speed is bench.py's job.
+from another organisation's documents (domains/<id>/unseen/), each in a throwaway store. It
+returns a report (a dict), which eval_report.py writes as files. It answers through
+`chat.Assistant` and searches its knowledge store (opening throwaway stores for those two suites);
+it knows nothing about the engine, and speed is bench.py's job.
 """
 
 from __future__ import annotations
