@@ -173,9 +173,8 @@ def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, p
     return ids, labels
 
 
-def build_dataset(tokenizer, domain: Domain, examples: list[Example], store: KnowledgeStore,
+def build_dataset(template: ChatTemplate, domain: Domain, examples: list[Example], store: KnowledgeStore,
                   max_length: int) -> list[tuple[list[int], list[int]]]:
-    template = ChatTemplate.of(tokenizer)
     stop_rules = {r.message.strip() for r in domain.risk_rules if r.action == "stop"}
     rows = []
     for example in examples:
@@ -284,12 +283,12 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     torch.manual_seed(config.seed)
     base_source = resolve_base(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_source)
-    rows = build_dataset(tokenizer, domain, examples, store, config.max_length)
+    template = ChatTemplate.of(tokenizer)
+    rows = build_dataset(template, domain, examples, store, config.max_length)
     feedback_report = None
     if with_feedback:
         log = feedback.read(settings.home, domain.id)
-        feedback_rows, feedback_report = feedback_dataset(ChatTemplate.of(tokenizer), domain, log, store,
-                                                          config.max_length)
+        feedback_rows, feedback_report = feedback_dataset(template, domain, log, store, config.max_length)
         rows += feedback_rows
     order = list(range(len(rows)))
     random.Random(config.seed).shuffle(order)
