@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,15 @@ from domainchat.chat import Assistant, Transcript, drain
 from domainchat.domains import Domain
 from domainchat.errors import BadInput
 from domainchat.generation import GenerationParams
-from domainchat.grounding import NUMBER, backs, numbers_in, sentences_of_answer, unsupported_numbers
+from domainchat.grounding import (
+    CITATION,
+    apply_numbers,
+    backs,
+    changed_number,
+    numbers_in,
+    sentences_of_answer,
+    unsupported_numbers,
+)
 from domainchat.knowledge import Passage
 
 EVAL_FILE = "eval.jsonl"
@@ -49,7 +56,6 @@ CONFIGS: dict[str, tuple[bool, bool, bool | None, dict[str, Any]]] = {
     "adapter+rag-evidence": (True, True, None, {"continuation": "none"}),
     "adapter+rag": (True, True, None, {}),
 }
-CITATION = re.compile(r"\[(\d+)\]")
 # Greedy, so runs compare; 128 tokens (~95 words) keeps a full eval of every answerable question
 # within reach of 2 CPU cores, and answers are meant to stay under ~120 words anyway.
 EVAL_PARAMS = GenerationParams(max_new_tokens=128, temperature=0.0, repetition_penalty=1.1, no_repeat_ngram=4)
@@ -273,22 +279,6 @@ def check_ready(assistant: Assistant, domain_ids: Sequence[str], configs: Sequen
                            "--configs base,base+rag.")
 
 
-def _changed_number(number: str, taken: set[str]) -> str:
-    """A plausible different number of the same shape (30 -> 41, 6.99 -> 9.99, 1,000 -> 1,334) that
-    appears nowhere in `taken`."""
-    whole, dot, decimals = number.partition(".")
-    digits = whole.replace(",", "")
-    value = int(digits) + int(digits) // 3 + 1
-    while True:
-        text = str(value).zfill(len(digits))
-        if "," in whole:
-            text = f"{value:,}"
-        candidate = text + dot + decimals
-        if candidate not in taken:
-            return candidate
-        value += 1
-
-
 def counterfactual_numbers(items: Sequence[EvalItem], knowledge_texts: Sequence[str]) -> dict[str, str]:
     """original -> changed, for every number stated in the answerable items' key facts; no changed
     number occurs anywhere in the knowledge (so an answer that has it read it)."""
@@ -298,20 +288,8 @@ def counterfactual_numbers(items: Sequence[EvalItem], knowledge_texts: Sequence[
         for fact in item.key_facts:
             for number in numbers_in(fact):
                 if number not in mapping:
-                    mapping[number] = _changed_number(number, taken | set(mapping.values()))
+                    mapping[number] = changed_number(number, taken | set(mapping.values()))
     return mapping
-
-
-def apply_numbers(text: str, mapping: dict[str, str]) -> str:
-    """`text` with every whole number in `mapping` replaced (list markers at line starts kept)."""
-    def replace(match: re.Match[str]) -> str:
-        number = match.group()
-        line_start = text.rfind("\n", 0, match.start()) + 1
-        if text[line_start:match.start()].strip() == "" and text[match.end():match.end() + 1] in (".", ")") \
-                and not text[match.end() + 1:match.end() + 2].isdigit():
-            return number  # a list marker
-        return mapping.get(number, number)
-    return NUMBER.sub(replace, text)
 
 
 def counterfactual_items(items: Sequence[EvalItem], mapping: dict[str, str]) -> list[EvalItem]:

@@ -97,6 +97,38 @@ def unsupported_numbers(answer: str, sources: Iterable[str]) -> list[str]:
     return [n for n in numbers_in(answer) if n not in allowed]
 
 
+def changed_number(number: str, taken: set[str], value: int | None = None) -> str:
+    """A different number of the same shape as `number` (30 -> 41, 6.99 -> 9.99, 1,000 -> 1,334)
+    that appears nowhere in `taken`: the first free one from `value` upwards, by default a third
+    above the original. What the counterfactual eval and counterfactual training examples state."""
+    whole, dot, decimals = number.partition(".")
+    digits = whole.replace(",", "")
+    value = int(digits) + int(digits) // 3 + 1 if value is None else value
+    while True:
+        text = str(value).zfill(len(digits))
+        if "," in whole:
+            text = f"{value:,}"
+        candidate = text + dot + decimals
+        if candidate != number and candidate not in taken:
+            return candidate
+        value += 1
+
+
+def apply_numbers(text: str, mapping: dict[str, str]) -> str:
+    """`text` with every whole number in `mapping` replaced (list markers at line starts and citation
+    markers such as [2] kept)."""
+    def replace(match: re.Match[str]) -> str:
+        number = match.group()
+        if text[match.start() - 1:match.start()] == "[" and text[match.end():match.end() + 1] == "]":
+            return number  # a citation
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        if text[line_start:match.start()].strip() == "" and text[match.end():match.end() + 1] in (".", ")") \
+                and not text[match.end() + 1:match.end() + 2].isdigit():
+            return number  # a list marker
+        return mapping.get(number, number)
+    return NUMBER.sub(replace, text)
+
+
 def _is_heading(line: str, first: bool) -> bool:
     """A heading line of a chunk (a chunk starts with its "Title > Section" path; Markdown headings
     start with #): no final punctuation, and short, first in the chunk or a path. Headings are

@@ -19,7 +19,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from domainchat import feedback, prompts
 from domainchat.chat_template import ChatTemplate
 from domainchat.domains import Domain
 from domainchat.errors import BadInput, ConfigError
+from domainchat.grounding import apply_numbers, changed_number, numbers_in
 from domainchat.knowledge import KnowledgeStore, Passage
 from domainchat.settings import Settings
 
@@ -57,6 +58,9 @@ class TrainingConfig:
     held_out: float = 0.05
     seed: int = 0
     qlora: bool = True
+    # The share of examples (of those whose answer states a number of its source passage) added again
+    # with those numbers changed: see counterfactual_example.
+    counterfactual: float = 0.0
 
     @classmethod
     def from_domain(cls, domain: Domain, **overrides: Any) -> TrainingConfig:
@@ -76,6 +80,7 @@ class TrainingConfig:
                   ("learning_rate", 0 < config.learning_rate < 1), ("epochs", config.epochs > 0),
                   ("batch_size", config.batch_size >= 1),
                   ("max_length", 64 <= config.max_length <= 8192), ("held_out", 0 <= config.held_out < 0.5),
+                  ("counterfactual", 0 <= config.counterfactual <= 1),
                   ("max_steps", config.max_steps is None or config.max_steps >= 1)]
         for key, ok in checks:
             if not ok:
@@ -130,12 +135,12 @@ def load_examples(path: Path) -> list[Example]:
 # --------------------------------------------------------------------------- rendering
 
 
-def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> tuple[list[Passage], str]:
-    """Passages as inference would retrieve them, with the example's source among them, and the
-    answer with [cite] replaced by that passage's number."""
+def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> tuple[list[Passage], int | None]:
+    """Passages as inference would retrieve them, with the example's source among them, and that
+    source passage's index (None for an example without a source)."""
     passages = store.search(domain.id, example.question, domain.retrieval.k)
     if example.source is None:
-        return passages, example.answer.replace(CITE, "")
+        return passages, None
     position = next((i for i, p in enumerate(passages) if p.source == example.source), None)
     if position is None:
         chunks = store.passages_of(domain.id, example.source)
@@ -149,7 +154,40 @@ def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> t
         passages = passages[: max(domain.retrieval.k - 1, 0)]
         position = random.Random(example.line).randrange(len(passages) + 1)  # not always last
         passages.insert(position, source_passage)
-    return passages, example.answer.replace(CITE, f"[{position + 1}]")
+    return passages, position
+
+
+def _cited(answer: str, source_index: int | None) -> str:
+    """The answer with [cite] replaced by its source passage's number."""
+    return answer.replace(CITE, f"[{source_index + 1}]" if source_index is not None else "")
+
+
+def counterfactual_example(example: Example, passages: list[Passage], source_index: int,
+                           rng: random.Random) -> tuple[Example, list[Passage]] | None:
+    """The example again with the numbers its answer takes from its source passage changed, in that
+    passage, the answer and the earlier turns alike (retrieval-augmented fine-tuning, Zhang et al.
+    2024): the answer follows the passage, not what the adapter saw elsewhere, so the adapter learns
+    to read figures from its context. The other passages keep theirs. None when the answer states no
+    number of its passage (or only ones the question states, which must stay as asked).
+
+    The new figures are drawn at random per example (from half to twice the original), unlike the
+    counterfactual eval's fixed shift, so that no adapter learns the eval's changed figures."""
+    source = passages[source_index]
+    asked = set(numbers_in(example.question))
+    in_source = set(numbers_in(source.text))
+    stated = [n for n in dict.fromkeys(numbers_in(example.answer)) if n in in_source and n not in asked]
+    if not stated:
+        return None
+    taken = ({n for p in passages for n in numbers_in(p.text)} | asked
+             | {n for turn in example.history for text in turn for n in numbers_in(text)})
+    mapping: dict[str, str] = {}
+    for number in stated:
+        value = int(number.partition(".")[0].replace(",", ""))
+        mapping[number] = changed_number(number, taken | set(mapping.values()), rng.randint(value // 2, 2 * value + 2))
+    changed_passages = list(passages)
+    changed_passages[source_index] = replace(source, text=apply_numbers(source.text, mapping))
+    history = tuple((user, apply_numbers(reply, mapping)) for user, reply in example.history)
+    return replace(example, answer=apply_numbers(example.answer, mapping), history=history), changed_passages
 
 
 def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, passages: list[Passage] | None,
@@ -174,22 +212,38 @@ def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, p
 
 
 def build_dataset(template: ChatTemplate, domain: Domain, examples: list[Example], store: KnowledgeStore,
-                  max_length: int) -> list[tuple[list[int], list[int]]]:
+                  max_length: int, counterfactual: float = 0.0,
+                  seed: int = 0) -> list[list[tuple[list[int], list[int]]]]:
+    """Training rows, one group per example: each example rendered with the passages inference
+    would retrieve; with `counterfactual` > 0, that share of the examples whose answer states a
+    number of its source passage also gets a copy with the numbers changed (`counterfactual_example`)
+    in its group, so that an example and its copy land on the same side of the held-out split."""
     stop_rules = {r.message.strip() for r in domain.risk_rules if r.action == "stop"}
-    rows = []
+    groups = []
     for example in examples:
         if example.kind == "risk" and example.answer.strip() not in stop_rules:
             continue  # a notice rule's message is shown beside a normal answer, never as the answer
         if example.kind == "risk":
-            passages, answer = None, example.answer
+            variants = [(example, None, None)]
         else:
-            passages, answer = _cite_passages(store, domain, example)
-        row = tokenize_example(template, domain, example, passages, answer, max_length)
-        if row is not None:
-            rows.append(row)
-    if not rows:
+            passages, source_index = _cite_passages(store, domain, example)
+            variants = [(example, passages, source_index)]
+            rng = random.Random(f"{seed}:{example.line}")
+            if source_index is not None and counterfactual > 0 and rng.random() < counterfactual:
+                changed = counterfactual_example(example, passages, source_index, rng)
+                if changed is not None:
+                    variants.append((changed[0], changed[1], source_index))
+        group = []
+        for variant, passages, source_index in variants:
+            answer = _cited(variant.answer, source_index) if passages is not None else variant.answer
+            row = tokenize_example(template, domain, variant, passages, answer, max_length)
+            if row is not None:
+                group.append(row)
+        if group:
+            groups.append(group)
+    if not groups:
         raise BadInput(f"max_length {max_length} cuts away every answer token; raise training.max_length.")
-    return rows
+    return groups
 
 
 def feedback_dataset(template: ChatTemplate, domain: Domain, log: feedback.FeedbackLog, store: KnowledgeStore,
@@ -238,6 +292,7 @@ class TrainResult:
     held_out_loss: float | None = None
     seconds: float = 0.0
     feedback: dict[str, Any] | None = None  # feedback_dataset's report, when trained with feedback
+    counterfactual_rows: int = 0  # counterfactual copies among the rows (build_dataset)
 
 
 def sha256_file(path: Path) -> str:
@@ -284,17 +339,18 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     base_source = resolve_base(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_source)
     template = ChatTemplate.of(tokenizer)
-    rows = build_dataset(template, domain, examples, store, config.max_length)
+    groups = build_dataset(template, domain, examples, store, config.max_length, config.counterfactual, config.seed)
+    counterfactual_rows = sum(len(group) - 1 for group in groups)
     feedback_report = None
     if with_feedback:
         log = feedback.read(settings.home, domain.id)
         feedback_rows, feedback_report = feedback_dataset(template, domain, log, store, config.max_length)
-        rows += feedback_rows
-    order = list(range(len(rows)))
+        groups += [[row] for row in feedback_rows]
+    order = list(range(len(groups)))
     random.Random(config.seed).shuffle(order)
-    n_held = int(len(rows) * config.held_out)
-    held = [rows[i] for i in order[:n_held]]
-    train_rows = [rows[i] for i in order[n_held:]]
+    n_held = int(len(groups) * config.held_out)
+    held = [row for i in order[:n_held] for row in groups[i]]
+    train_rows = [row for i in order[n_held:] for row in groups[i]]
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
 
@@ -353,7 +409,7 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     model.eval()
     held_loss = _mean_loss(model, held) if held else None
     result = TrainResult(out=out, steps=step, train_loss=losses, held_out_loss=held_loss, seconds=seconds,
-                         feedback=feedback_report)
+                         feedback=feedback_report, counterfactual_rows=counterfactual_rows)
     _write_card(out, domain, config, base_source, data_hash, len(train_rows), len(held), result)
     checkpoint.unlink(missing_ok=True)
     return result
@@ -373,7 +429,7 @@ def _write_card(out: Path, domain: Domain, config: TrainingConfig, base_source: 
         "base_model_sha256": sha256_file(base_weights) if base_weights.exists() else None,
         "train_data": f"domains/{domain.id}/{TRAIN_FILE}",
         "train_data_sha256": data_hash,
-        "examples": {"train": n_train, "held_out": n_held},
+        "examples": {"train": n_train, "held_out": n_held, "counterfactual_copies": result.counterfactual_rows},
         "feedback": result.feedback,  # null when trained without feedback
         "hyperparameters": asdict(config),
         "prompt": "domainchat.prompts.render (system prompt, few-shot, quoted numbered passages, history)",

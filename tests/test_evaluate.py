@@ -95,7 +95,8 @@ def test_answer_metrics_measure_grounding() -> None:
 
 
 def test_counterfactual_changes_numbers_consistently() -> None:
-    from domainchat.evaluate import EvalItem, apply_numbers, counterfactual_items, counterfactual_numbers
+    from domainchat.evaluate import EvalItem, counterfactual_items, counterfactual_numbers
+    from domainchat.grounding import apply_numbers
 
     items = [EvalItem(id="a", question="q", answerable=True, key_facts=("30 days", "$6.99")),
              EvalItem(id="b", question="q", answerable=True, key_facts=("original packaging",)),

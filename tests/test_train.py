@@ -195,11 +195,60 @@ def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domai
     assert [p.source for p in store.search("zorblax", question, 1)] == ["other.md"]
     example = Example(kind="grounded", question=question, answer="It pays 4.5 percent [cite].",
                       source="zorblax.md", line=3)
-    passages, answer = _cite_passages(store, narrow, example)
-    assert [p.source for p in passages] == ["zorblax.md"] and answer == "It pays 4.5 percent [1]."
+    passages, source_index = _cite_passages(store, narrow, example)
+    assert [p.source for p in passages] == ["zorblax.md"] and source_index == 0
     assert "4.5 percent" in passages[0].text and passages[0].id in store.sources("zorblax")["zorblax.md"]["ids"]
     with pytest.raises(BadInput, match="source 'absent.md' is not in the 'zorblax' knowledge base"):
         _cite_passages(store, narrow, dataclasses.replace(example, source="absent.md"))
+
+
+def test_a_counterfactual_copy_changes_the_figures_its_answer_reads_from_its_passage() -> None:
+    """The source passage, the answer and earlier replies change alike; the other passages, the
+    question's own figures, citation markers and list markers stay; no figure is left unread."""
+    import random
+
+    from domainchat.knowledge import Passage
+    from domainchat.train import Example, counterfactual_example
+
+    source = Passage(id="r:0:x", source="returns.md", title="Returns", score=0.9,
+                     text="Returns\n1. Send it back within 30 days.\n2. The label costs $6.99 for orders under $50.")
+    other = Passage(id="s:0:y", source="shipping.md", title="Shipping", score=0.8, text="Ships within 30 days.")
+    example = Example(kind="followup", question="Can I return my $50 order?", source="returns.md", line=7,
+                      history=(("Returns?", "Within 30 days [1]."),),
+                      answer="Yes, within 30 days [cite]; the label is $6.99 [cite]. Call us on day 2.")
+    changed, passages = counterfactual_example(example, [other, source], 1, random.Random(0))
+    new_days = changed.answer.split("within ")[1].split(" days")[0]
+    new_label = changed.answer.split("$")[1].split(" [")[0]
+    assert new_days != "30" and new_label != "6.99" and new_label.endswith(".99") and "day 2." in changed.answer
+    assert passages[0] == other and passages[1].id == source.id
+    assert passages[1].text.startswith("Returns\n1. Send it back within " + new_days)
+    assert f"${new_label} for orders under $50" in passages[1].text, "the question's $50 stays as asked"
+    assert changed.history == (("Returns?", f"Within {new_days} days [1]."),) and changed.question == example.question
+    assert new_days not in ("30", "6.99", "50") and new_label not in ("30", "50")
+    figures_only_in_question = dataclasses.replace(example, answer="Yes, for $50 orders [cite].")
+    assert counterfactual_example(figures_only_in_question, [other, source], 1, random.Random(0)) is None
+    no_figure = dataclasses.replace(example, answer="Yes, send it back [cite].")
+    assert counterfactual_example(no_figure, [other, source], 1, random.Random(0)) is None
+
+
+def test_counterfactual_copies_stay_beside_their_example(tiny_domain) -> None:
+    """With counterfactual 1.0 every example whose answer reads a figure from its passage gets a copy
+    in its own group (so both fall on the same side of the held-out split); with 0.0 none does."""
+    from domainchat.chat_template import ChatTemplate
+    from domainchat.train import build_dataset
+
+    domain, store = tiny_domain
+    examples = load_examples(domain.folder / "train.jsonl")
+    template = ChatTemplate(tokenizer=CharTokenizer(), reply_opening="", end_of_turn="<end>", stop_ids=frozenset(),
+                            message_overhead=len("<user>"))
+    plain = build_dataset(template, domain, examples, store, 4096)
+    assert [len(group) for group in plain] == [1] * len(examples)
+    doubled = build_dataset(template, domain, examples, store, 4096, counterfactual=1.0)
+    # the eight "4.5 percent" answers and the follow-up's "3 dollars"; the abstention has no passage figure
+    assert [len(group) for group in doubled] == [2] * 8 + [1, 2]
+    original, copy = ("".join(map(chr, ids)) for ids, _ in doubled[0])
+    assert "4.5 percent" in original and "4.5 percent" not in copy and "Zorblax account pays" in copy
+    assert build_dataset(template, domain, examples, store, 4096, counterfactual=1.0) == doubled, "seeded"
 
 
 def zorblax_ids(store) -> list[str]:
