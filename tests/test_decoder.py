@@ -200,3 +200,24 @@ def test_declines_a_model_it_does_not_understand() -> None:
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
     assert LeanDecoder._unsupported(plain) == "q_proj is not a bitsandbytes nf4 layer"
     assert LeanDecoder.build(plain) is None
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_the_output_layer_split_keeps_one_rows_logits_bit_equal(parts: int) -> None:
+    """One row through vocabulary slices on parallel threads gives the bits of the whole product (what
+    transformers computes); several rows through the transposed slices agree to float32 rounding."""
+    from domainchat.decoder import OutputLayer
+
+    torch.manual_seed(0)
+    weight = torch.randn(49152, 576) * 0.05
+    output = OutputLayer(weight, parts, transposed=True)
+    one = torch.randn(1, 576)
+    assert torch.equal(output(one), one @ weight.t())
+    for rows in (2, 3, 4, 5):
+        hidden = torch.randn(rows, 576)
+        logits = output(hidden)
+        assert logits.shape == (rows, 49152)
+        assert torch.allclose(logits, hidden @ weight.t(), atol=1e-5)
+        assert torch.equal(logits.argmax(-1), (hidden @ weight.t()).argmax(-1))
+    plain = OutputLayer(weight, parts, transposed=False)
+    assert plain.columns is None and torch.allclose(plain(hidden), hidden @ weight.t(), atol=1e-5)
