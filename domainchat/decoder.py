@@ -28,7 +28,6 @@ variant such as DoRA), and the engine then uses transformers' forward.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -172,35 +171,37 @@ class DequantizedLinear:
 
 
 class OutputLayer:
-    """The output layer's product (the tied embedding, [V, H] float32, 49,152 x 576 for the 135M
-    model), split by vocabulary into one slice per thread, the slices multiplied in parallel.
+    """The output layer's product: final hidden states times the tied embedding ([V, H] float32,
+    49,152 x 576 for the 135M model), the largest single product of a decode step.
 
-    One row is a memory-bound product that the BLAS runs on one thread however many it is given:
-    slices on parallel threads take 7.3 ms instead of 10.2 on 2 cores, and every logit is still the
-    same dot product summed in the same order, so the logits stay bit-equal to transformers' (the
-    exactness tests check it). Several rows multiply transposed copies of the slices ([H, V/parts],
-    contiguous), which the BLAS handles far better than the [V, H] layout for 2-8 rows (2 rows 24.5
-    -> 8.7 ms, 3 rows 33 -> 14, 4 rows 16.6 -> 12.9, 8 rows 18.7 -> 18.3, measured on 2 cores);
-    like every several-row product they agree with the one-row product to ~1e-6. The copies cost
-    4 bytes a weight (113 MB for the 135M model), so they are made only when asked: on AVX2 the
-    decoder's float32 layer copies already take the serving peak to the edge of its 1.5 GB target."""
+    One row is multiplied as transformers does, on all intra-op threads, so its logits stay
+    bit-equal to transformers' (splitting it by vocabulary over threads kept the bits but saved
+    nothing in a decode step: 28.9 vs 29.0 ms, measured). Several rows (a batch of conversations)
+    are where the [V, H] layout is slow: the BLAS took 24.5 ms for 2 rows and 33 ms for 3 against
+    10 ms for one. For them the decoder keeps transposed copies of the weight ([H, V/threads], one
+    slice a thread, contiguous) and multiplies the slices on parallel threads: decode steps of 2, 3
+    and 4 rows went from 44.4 / 66.8 / 52.7 ms to 30.2 / 37.0 / 39.8 ms on 2 cores (A/B in one
+    process). Like every several-row product the logits agree with the one-row product to ~1e-6.
+    The copies cost 4 bytes a weight (113 MB for the 135M model), so they are made only on the
+    4-bit kernel path: on AVX2 the decoder's float32 layer copies already take the serving peak to
+    the edge of its 1.5 GB target, and there the whole product is used for any number of rows."""
 
-    def __init__(self, weight: torch.Tensor, parts: int, transposed: bool) -> None:
+    def __init__(self, weight: torch.Tensor, threads: int, transposed: bool) -> None:
         self.weight = weight
-        self.slices: tuple[torch.Tensor, ...] = weight.tensor_split(parts) if parts > 1 else (weight,)
-        self.columns = tuple(s.t().contiguous() for s in self.slices) if transposed else None
-        self._pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="output-layer") if parts > 1 else None
+        self.threads = threads
+        self.columns = tuple(s.t().contiguous() for s in weight.tensor_split(threads)) if transposed else None
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="output-layer") if threads > 1 else None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [rows, V] of final hidden states [rows, H]."""
         if hidden.shape[0] == 1 or self.columns is None:
-            products = [functools.partial(torch.matmul, hidden, s.t()) for s in self.slices]
-        else:
-            products = [functools.partial(torch.matmul, hidden, c) for c in self.columns]
-        if self._pool is None:
-            return products[0]()
-        others = [self._pool.submit(product) for product in products[1:]]
-        return torch.cat([products[0]()] + [other.result() for other in others], dim=1)
+            with _threads(self.threads):
+                return hidden @ self.weight.t()
+        with _threads(1):  # one slice per thread
+            if self._pool is None:
+                return hidden @ self.columns[0]
+            others = [self._pool.submit(torch.matmul, hidden, c) for c in self.columns[1:]]
+            return torch.cat([hidden @ self.columns[0]] + [other.result() for other in others], dim=1)
 
 
 Linear = FusedLinear | DequantizedLinear
@@ -274,7 +275,7 @@ class LeanDecoder:
         # Prefill's large products use all intra-op threads; the layers of a decode step use one:
         # they are hundreds of calls of tens of microseconds, where waking a second OpenMP thread
         # costs more than it saves (2 cores, measured in a worker thread: 22.8 tokens/s on one
-        # thread, 16.7 on two). The output layer splits its product over that many threads itself.
+        # thread, 16.7 on two). The output layer chooses its own (OutputLayer).
         self.threads = torch.get_num_threads()
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = inner.config
@@ -498,8 +499,9 @@ class LeanDecoder:
 
     def step(self, tokens: Sequence[int], caches: Sequence[KVCache], adapters: Sequence[str | None]) -> torch.Tensor:
         """One new token for each of several sequences at once; returns logits [rows, V]."""
-        with _threads(1):  # the output layer's slices run on threads of their own
-            return self.output(self._step_layers(tokens, caches, adapters))
+        with _threads(1):
+            hidden = self._step_layers(tokens, caches, adapters)
+        return self.output(hidden)
 
     def _step_layers(self, tokens: Sequence[int], caches: Sequence[KVCache], adapters: Sequence[str | None]):
         rows = len(tokens)
