@@ -3,11 +3,13 @@
 Owns the training data format (`domains/<id>/train.jsonl`), turning each example into the exact
 prompt inference will send (`prompts.render` with passages retrieved by the same knowledge store,
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
-passage's number), the loss on assistant tokens only (the answer and the end-of-turn text the base
-model's chat template closes a reply with, from chat_template.py), and the adapter folder it
-writes: 16-bit weights, adapter_config.json, a training card and a loss curve. With feedback, the
-liked and corrected answers people gave (`feedback.py` says which) join the data, rendered with the
-passages those answers had. It knows nothing about serving.
+passage's number), counterfactual copies of examples (the figures an answer reads from its source
+passage changed in both, as retrieval-augmented fine-tuning does), the loss on assistant tokens
+only (the answer and the end-of-turn text the base model's chat template closes a reply with, from
+chat_template.py), and the adapter folder it writes: 16-bit weights, adapter_config.json, a
+training card and a loss curve. With feedback, the liked and corrected answers people gave
+(`feedback.py` says which) join the data, rendered with the passages those answers had. It knows
+nothing about serving.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def load_examples(path: Path) -> list[Example]:
 # --------------------------------------------------------------------------- rendering
 
 
-def _cite_passages(store: KnowledgeStore, domain: Domain, example: Example) -> tuple[list[Passage], int | None]:
+def _retrieve_with_source(store: KnowledgeStore, domain: Domain, example: Example) -> tuple[list[Passage], int | None]:
     """Passages as inference would retrieve them, with the example's source among them, and that
     source passage's index (None for an example without a source)."""
     passages = store.search(domain.id, example.question, domain.retrieval.k)
@@ -226,7 +228,7 @@ def build_dataset(template: ChatTemplate, domain: Domain, examples: list[Example
         if example.kind == "risk":
             variants = [(example, None, None)]
         else:
-            passages, source_index = _cite_passages(store, domain, example)
+            passages, source_index = _retrieve_with_source(store, domain, example)
             variants = [(example, passages, source_index)]
             rng = random.Random(f"{seed}:{example.line}")
             if source_index is not None and counterfactual > 0 and rng.random() < counterfactual:

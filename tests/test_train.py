@@ -184,7 +184,7 @@ def test_examples_end_with_the_base_models_own_end_of_turn(family: str, domains_
 
 def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domain, tmp_path: Path) -> None:
     """With k=1 and another file winning retrieval, the example's own file supplies the passage it cites."""
-    from domainchat.train import Example, _cite_passages
+    from domainchat.train import Example, _retrieve_with_source
 
     domain, store = tiny_domain
     other = tmp_path / "other.md"
@@ -195,11 +195,11 @@ def test_an_example_whose_source_is_not_retrieved_gets_its_best_chunk(tiny_domai
     assert [p.source for p in store.search("zorblax", question, 1)] == ["other.md"]
     example = Example(kind="grounded", question=question, answer="It pays 4.5 percent [cite].",
                       source="zorblax.md", line=3)
-    passages, source_index = _cite_passages(store, narrow, example)
+    passages, source_index = _retrieve_with_source(store, narrow, example)
     assert [p.source for p in passages] == ["zorblax.md"] and source_index == 0
     assert "4.5 percent" in passages[0].text and passages[0].id in store.sources("zorblax")["zorblax.md"]["ids"]
     with pytest.raises(BadInput, match="source 'absent.md' is not in the 'zorblax' knowledge base"):
-        _cite_passages(store, narrow, dataclasses.replace(example, source="absent.md"))
+        _retrieve_with_source(store, narrow, dataclasses.replace(example, source="absent.md"))
 
 
 def test_a_counterfactual_copy_changes_the_figures_its_answer_reads_from_its_passage() -> None:
