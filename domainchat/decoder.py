@@ -180,8 +180,8 @@ class OutputLayer:
     are where the [V, H] layout is slow: the BLAS took 24.5 ms for 2 rows and 33 ms for 3 against
     10 ms for one. For them the decoder keeps transposed copies of the weight ([H, V/threads], one
     slice a thread, contiguous) and multiplies the slices on parallel threads: decode steps of 2, 3
-    and 4 rows went from 44.4 / 66.8 / 52.7 ms to 30.2 / 37.0 / 39.8 ms on 2 cores (A/B in one
-    process). Like every several-row product the logits agree with the one-row product to ~1e-6.
+    and 4 rows went from 43.9 / 58.3 / 46.5 ms to 27.8 / 33.9 / 39.8 ms on 2 cores (A/B in one
+    process, docs/bench.md). Like every several-row product the logits agree with the one-row product to ~1e-6.
     The copies cost 4 bytes a weight (113 MB for the 135M model), so they are made only on the
     4-bit kernel path: on AVX2 the decoder's float32 layer copies already take the serving peak to
     the edge of its 1.5 GB target, and there the whole product is used for any number of rows."""
