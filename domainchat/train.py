@@ -78,6 +78,12 @@ class TrainingConfig:
             config = cls(**values)
         except TypeError as exc:
             raise ConfigError(f"{where}' is invalid: {exc}.") from None
+        numeric = ("rank", "alpha", "dropout", "learning_rate", "epochs", "batch_size", "max_length", "held_out",
+                   "seed", "counterfactual") + (("max_steps",) if config.max_steps is not None else ())
+        for key in numeric:
+            value = getattr(config, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}.{key}' must be a number, not {value!r}.")
         checks = [("rank", 1 <= config.rank <= 256), ("alpha", config.alpha > 0),
                   ("learning_rate", 0 < config.learning_rate < 1), ("epochs", config.epochs > 0),
                   ("batch_size", config.batch_size >= 1),

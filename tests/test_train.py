@@ -122,6 +122,11 @@ def test_training_settings_are_validated(tiny_domain) -> None:
     bad = domain.__class__(**{**domain.__dict__, "training": {"rnak": 8}})
     with pytest.raises(ConfigError, match="'training.rnak'"):
         TrainingConfig.from_domain(bad)
+    with pytest.raises(ConfigError, match="'training.counterfactual' has an out-of-range value"):
+        TrainingConfig.from_domain(domain, counterfactual=1.5)
+    wordy = domain.__class__(**{**domain.__dict__, "training": {"counterfactual": "half"}})
+    with pytest.raises(ConfigError, match="'training.counterfactual' must be a number, not 'half'"):
+        TrainingConfig.from_domain(wordy)
 
 
 def test_shipped_training_data_parses() -> None:
