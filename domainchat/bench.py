@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from domainchat.errors import BadInput
-from domainchat.evaluate import fill_knowledge_hint
 
 BENCH_TARGETS = {
     "switch_p50_ms": ("<=", 20.0),
@@ -111,6 +110,147 @@ def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None,
     return longest_pause(stamps, window, window_end), max(firsts)
 
 
+@dataclass(frozen=True)
+class BenchPrompts:
+    """The prompts the engine measurements use, rendered once from the knowledge store. Plain data
+    (messages are JSON), so that the engine part can also run where the knowledge stack is not
+    installed, such as a GPU machine (docs/bench.md)."""
+
+    short: list[dict]  # a system prompt and a short question, no passages
+    rag: list[dict]  # a RAG prompt as served (few-shot examples, passages, question)
+    arrivals: list[list[dict]]  # three more RAG prompts of the same domain, arriving together
+    fixed: int  # messages at the start of each RAG prompt that every question shares (its cached prefix)
+    adapter: str | None  # the RAG prompts' adapter (their domain's, when it has one)
+
+
+def bench_prompts(engine, registry, store, domain, short_adapter: str) -> BenchPrompts:
+    """The bench's prompts: `domain`'s first example question and the next three, over `store`."""
+    from domainchat import prompts
+
+    question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
+    adapter = domain.id if engine.available(domain.id) else None
+    with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
+
+    def rendered(q: str) -> list[dict]:
+        return prompts.render(domain, q, (), store.search(domain.id, q, domain.retrieval.k),
+                              count_tokens=engine.count_tokens, budget=2048, message_overhead=engine.message_overhead,
+                              with_few_shot=with_few_shot).messages
+
+    questions = (list(domain.example_questions) + [question] * 3)[:3]
+    short = [{"role": "system", "content": registry.get(short_adapter).system_prompt},
+             {"role": "user", "content": "What is APR?"}]
+    return BenchPrompts(short=short, rag=rendered(question), arrivals=[rendered(q) for q in questions],
+                        fixed=1 + (2 * len(domain.few_shot) if with_few_shot else 0), adapter=adapter)
+
+
+def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int,
+                   progress: Callable[[str], None] = lambda _: None) -> dict:
+    """The engine's figures, side by side in one run: naive `generate` decode, adapter switch, time to
+    first token, the pause while three RAG questions arrive, decode, four sessions against one.
+    `usable[0]` is the adapter of the decode and single-session figures; the four sessions use up to
+    four of `usable`."""
+    import threading
+    import time
+
+    import torch
+
+    from domainchat.generation import GenerationParams
+
+    report: dict = {}
+    progress("naive decode baseline")
+    # PeftModel.generate on the caller's thread, before anything else generates: it is the
+    # transformers path at its best here (a second thread's OpenMP pool slows it, measured).
+    naive = []
+    naive_prompt = engine.encode(DECODE_PROMPT)
+    for _ in range(runs):
+        with engine.routed(usable[0]):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = engine.model.generate(input_ids=naive_prompt, max_new_tokens=64, do_sample=False)
+            _synchronize(engine)
+            naive.append((out.shape[1] - naive_prompt.shape[1]) / (time.perf_counter() - t0))
+    naive_rate = round(statistics.median(naive), 2)
+
+    progress("adapter switch")
+    switches = []
+    for i in range(40):
+        name = usable[i % len(usable)]
+        t0 = time.perf_counter()
+        with engine.routed(name):
+            switches.append((time.perf_counter() - t0) * 1000)
+    report["switch_p50_ms"] = round(_percentile(switches, 0.5), 2)
+    report["switch_p95_ms"] = round(_percentile(switches, 0.95), 2)
+
+    progress("time to first token")
+    # Plain greedy, as the naive generate baseline decodes: no penalty, no n-gram ban.
+    plain = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+    one_token = replace(plain, max_new_tokens=1)
+    report["ttft_short_s"] = round(statistics.median(
+        _timed_stream(engine, bench.short, usable[0], one_token)[0] for _ in range(runs)), 3)
+    report["rag_prompt_tokens"] = len(engine.encode(bench.rag)[0])
+    report["ttft_rag_s"] = round(statistics.median(
+        _timed_stream(engine, bench.rag, bench.adapter, one_token)[0] for _ in range(runs)), 3)
+    _timed_stream(engine, bench.rag, bench.adapter, one_token, bench.fixed)  # computes the prefix once
+    report["ttft_rag_prefix_cached_s"] = round(statistics.median(
+        _timed_stream(engine, bench.rag, bench.adapter, one_token, bench.fixed)[0] for _ in range(runs)), 3)
+
+    progress("arrivals")
+    # Three people send RAG questions at once while a fourth is being answered (prefixes cached,
+    # as in serving): how long the running answer pauses, and how long the last newcomer waits.
+    stalls, lasts = [], []
+    for _ in range(runs):
+        stall, last = _stall_while_others_arrive(engine, DECODE_PROMPT, bench.adapter, bench.arrivals, bench.fixed,
+                                                 plain)
+        stalls.append(stall)
+        lasts.append(last)
+    report["stall_max_gap_s_3_rag_arrivals"] = round(statistics.median(stalls), 3)
+    report["ttft_last_of_3_rag_arrivals_s"] = round(statistics.median(lasts), 3)
+
+    progress("decode")
+    decode = replace(plain, max_new_tokens=64)
+    report["decoder"] = engine.decoder_name
+    ours = []
+    for _ in range(runs):
+        _, total, tokens = _timed_stream(engine, DECODE_PROMPT, usable[0], decode)
+        ours.append(tokens / total)
+    report["decode_tokens_per_s"] = round(statistics.median(ours), 2)
+    report["decode_naive_peft_generate_tokens_per_s"] = naive_rate
+    report["decode_speedup_vs_naive"] = round(report["decode_tokens_per_s"] / naive_rate, 2)
+
+    progress("concurrency")
+    burst = replace(plain, max_new_tokens=48)
+
+    def session(name: str, counts: list[int]) -> None:
+        counts.append(_timed_stream(engine, DECODE_PROMPT, name, burst)[2])
+
+    single, four = [], []
+    for _ in range(runs):  # one session, then four at once, side by side in each run
+        counts: list[int] = []
+        t0 = time.perf_counter()
+        session(usable[0], counts)
+        single.append(counts[0] / (time.perf_counter() - t0))
+        counts = []
+        threads = [threading.Thread(target=session, args=(usable[i % len(usable)], counts)) for i in range(4)]
+        t0 = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        four.append(sum(counts) / (time.perf_counter() - t0))
+    report["one_session_tokens_per_s"] = round(statistics.median(single), 2)
+    report["four_sessions_aggregate_tokens_per_s"] = round(statistics.median(four), 2)
+    report["concurrency_speedup_4_sessions"] = round(statistics.median(four) / statistics.median(single), 2)
+    return report
+
+
+def _synchronize(engine) -> None:
+    """Wait for the model's device (a GPU runs `generate` asynchronously up to its last copy)."""
+    import torch
+
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def longest_pause(stamps: Sequence[float], start: float, end: float) -> float:
     """The longest time between two consecutive `stamps` (token arrivals) that overlaps [start, end]."""
     return max((b - a for a, b in zip(stamps, stamps[1:], strict=False) if b >= start and a <= end), default=0.0)
@@ -122,16 +262,15 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
     import subprocess
     import sys
     import tempfile
-    import threading
     import time
 
     import torch
 
-    from domainchat import prompts
     from domainchat.base_model import resolve_base
     from domainchat.chat import adapter_dirs
     from domainchat.domains import load_registry
     from domainchat.engine import Engine
+    from domainchat.evaluate import fill_knowledge_hint
     from domainchat.knowledge import KnowledgeStore
 
     report: dict = {"machine": {"cpus": torch.get_num_threads()}, "runs": runs}
@@ -163,105 +302,9 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         engine.warm_up()
         usable = [d for d in domain_ids if engine.available(d)]
 
-        progress("naive decode baseline")
-        # PeftModel.generate on the caller's thread, before anything else generates: it is the
-        # transformers path at its best here (a second thread's OpenMP pool slows it, measured).
-        naive = []
-        naive_prompt = engine.encode(DECODE_PROMPT)
-        for _ in range(runs):
-            with engine.routed(usable[0]):
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = engine.model.generate(input_ids=naive_prompt, max_new_tokens=64, do_sample=False)
-                naive.append((out.shape[1] - naive_prompt.shape[1]) / (time.perf_counter() - t0))
-        naive_rate = round(statistics.median(naive), 2)
-
-        progress("adapter switch")
-        switches = []
-        for i in range(40):
-            name = usable[i % len(usable)]
-            t0 = time.perf_counter()
-            with engine.routed(name):
-                switches.append((time.perf_counter() - t0) * 1000)
-        report["switch_p50_ms"] = round(_percentile(switches, 0.5), 2)
-        report["switch_p95_ms"] = round(_percentile(switches, 0.95), 2)
-
-        from domainchat.generation import GenerationParams
-
-        progress("time to first token")
-        # Plain greedy, as the naive generate baseline decodes: no penalty, no n-gram ban.
-        plain = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
-        one_token = replace(plain, max_new_tokens=1)
-        short = [{"role": "system", "content": registry.get(usable[0]).system_prompt},
-                 {"role": "user", "content": "What is APR?"}]
-        report["ttft_short_s"] = round(statistics.median(
-            _timed_stream(engine, short, usable[0], one_token)[0] for _ in range(runs)), 3)
         store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
-        question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
-        passages = store.search(domain.id, question, domain.retrieval.k)
-        adapter = domain.id if engine.available(domain.id) else None
-        with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
-        rendered = prompts.render(domain, question, (), passages, count_tokens=engine.count_tokens, budget=2048,
-                                  message_overhead=engine.message_overhead, with_few_shot=with_few_shot)
-        fixed = 1 + (2 * len(domain.few_shot) if with_few_shot else 0)
-        report["rag_prompt_tokens"] = len(engine.encode(rendered.messages)[0])
-        report["ttft_rag_s"] = round(statistics.median(
-            _timed_stream(engine, rendered.messages, adapter, one_token)[0] for _ in range(runs)), 3)
-        _timed_stream(engine, rendered.messages, adapter, one_token, fixed)  # computes the prefix once
-        report["ttft_rag_prefix_cached_s"] = round(statistics.median(
-            _timed_stream(engine, rendered.messages, adapter, one_token, fixed)[0] for _ in range(runs)), 3)
-
-        progress("arrivals")
-        # Three people send RAG questions at once while a fourth is being answered (prefixes cached,
-        # as in serving): how long the running answer pauses, and how long the last newcomer waits.
-        questions = (list(domain.example_questions) + [question] * 3)[:3]
-        arrivals = [prompts.render(domain, q, (), store.search(domain.id, q, domain.retrieval.k),
-                                   count_tokens=engine.count_tokens, budget=2048,
-                                   message_overhead=engine.message_overhead, with_few_shot=with_few_shot).messages
-                    for q in questions]
-        stalls, lasts = [], []
-        for _ in range(runs):
-            stall, last = _stall_while_others_arrive(engine, DECODE_PROMPT, adapter, arrivals, fixed, plain)
-            stalls.append(stall)
-            lasts.append(last)
-        report["stall_max_gap_s_3_rag_arrivals"] = round(statistics.median(stalls), 3)
-        report["ttft_last_of_3_rag_arrivals_s"] = round(statistics.median(lasts), 3)
-
-        progress("decode")
-        decode = replace(plain, max_new_tokens=64)
-        prompt = DECODE_PROMPT
-        report["decoder"] = engine.decoder_name
-        ours = []
-        for _ in range(runs):
-            _, total, tokens = _timed_stream(engine, prompt, usable[0], decode)
-            ours.append(tokens / total)
-        report["decode_tokens_per_s"] = round(statistics.median(ours), 2)
-        report["decode_naive_peft_generate_tokens_per_s"] = naive_rate
-        report["decode_speedup_vs_naive"] = round(report["decode_tokens_per_s"] / naive_rate, 2)
-
-        progress("concurrency")
-        burst = replace(plain, max_new_tokens=48)
-
-        def session(name: str, counts: list[int]) -> None:
-            counts.append(_timed_stream(engine, prompt, name, burst)[2])
-
-        single, four = [], []
-        for _ in range(runs):  # one session, then four at once, side by side in each run
-            counts: list[int] = []
-            t0 = time.perf_counter()
-            session(usable[0], counts)
-            single.append(counts[0] / (time.perf_counter() - t0))
-            counts = []
-            threads = [threading.Thread(target=session, args=(usable[i % len(usable)], counts)) for i in range(4)]
-            t0 = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            four.append(sum(counts) / (time.perf_counter() - t0))
-        report["one_session_tokens_per_s"] = round(statistics.median(single), 2)
-        report["four_sessions_aggregate_tokens_per_s"] = round(statistics.median(four), 2)
-        report["concurrency_speedup_4_sessions"] = round(statistics.median(four) / statistics.median(single), 2)
+        report.update(measure_engine(engine, usable, bench_prompts(engine, registry, store, domain, usable[0]),
+                                     runs, progress))
         engine.close()
 
         progress("retrieval at 10,000 chunks")

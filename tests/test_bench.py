@@ -1,5 +1,5 @@
-"""Bench measurements that can be checked without the model: what they compute, over fake engines
-whose timing is known."""
+"""Bench measurements: what they compute, over fake engines whose timing is known, and the engine
+figures and the client-side ones once each over the real model."""
 
 from __future__ import annotations
 
@@ -59,3 +59,20 @@ def test_http_bench_measures_a_live_server_with_the_openai_client(api_url: str) 
     assert 0 < report["http_ttft_rag_s"] <= report["http_ttft_last_of_3_rag_arrivals_s"] + 5
     assert report["http_decode_tokens_per_s"] > 1 and report["http_concurrency_speedup_4_sessions"] > 0.5
     assert report["http_stall_max_gap_s_3_rag_arrivals"] > 0  # the story was still streaming when they came
+
+
+def test_engine_figures_from_plain_prompts(engine) -> None:
+    """measure_engine (what `domainchat bench` and scripts/bench_engine.py report) over the real engine,
+    from prompts that are plain data: nothing of the knowledge stack is needed."""
+    from domainchat.bench import BenchPrompts, measure_engine
+
+    rag = [{"role": "system", "content": "Answer from the passages."},
+           {"role": "user", "content": "Passages:\n[1] A Roth IRA takes after-tax money.\n\nWhat is a Roth IRA?"}]
+    prompts = BenchPrompts(short=[{"role": "user", "content": "What is APR?"}], rag=rag, arrivals=[rag] * 3,
+                           fixed=1, adapter="alpha")
+    report = measure_engine(engine, ["alpha", "beta"], prompts, runs=1)
+    assert report["decoder"] == engine.decoder_name
+    assert report["rag_prompt_tokens"] == len(engine.encode(rag)[0])
+    assert report["decode_tokens_per_s"] > 1 and report["decode_naive_peft_generate_tokens_per_s"] > 1
+    assert 0 < report["ttft_short_s"] and 0 < report["ttft_rag_s"] <= report["ttft_last_of_3_rag_arrivals_s"] + 5
+    assert report["stall_max_gap_s_3_rag_arrivals"] > 0 and report["concurrency_speedup_4_sessions"] > 0.5
