@@ -62,13 +62,14 @@ def _synthetic_adapters(checkpoint: Path, names: Sequence[str], root: Path) -> d
     return folders
 
 
-def _timed_stream(engine, messages, adapter, params, prefix_messages: int = 0) -> tuple[float, float, int]:
-    """(time to first piece, total time, tokens) for one generation."""
+def _timed_stream(engine, messages, adapter, params, prefix_messages: int = 0,
+                  reply_start: str = "") -> tuple[float, float, int]:
+    """(time to first piece, total time, tokens) for one generation (after `reply_start`, if any)."""
     import time
 
     started = time.perf_counter()
     first, pieces = None, []
-    for piece in engine.stream(messages, adapter, params, prefix_messages=prefix_messages):
+    for piece in engine.stream(messages, adapter, params, prefix_messages=prefix_messages, reply_start=reply_start):
         if first is None:
             first = time.perf_counter() - started
         pieces.append(piece)
@@ -76,10 +77,10 @@ def _timed_stream(engine, messages, adapter, params, prefix_messages: int = 0) -
     return first or total, total, engine.count_tokens("".join(pieces))
 
 
-def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None, arrivals: Sequence[list[dict]],
+def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None, arrivals: Sequence[BenchPrompt],
                                fixed: int, params) -> tuple[float, float]:
     """(longest pause between two tokens of a stream that is answering while `arrivals` (RAG prompts)
-    come in together from other threads, time to first token of the last of them)."""
+    come in together from other threads, time to first model token of the last of them)."""
     import threading
     import time
 
@@ -97,8 +98,9 @@ def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None,
     runner.start()
     answering.wait()
     firsts: list[float] = []
-    threads = [threading.Thread(target=lambda m=messages: firsts.append(
-        _timed_stream(engine, m, adapter, replace(params, max_new_tokens=1), fixed)[0])) for messages in arrivals]
+    threads = [threading.Thread(target=lambda a=arrival: firsts.append(
+        _timed_stream(engine, a.messages, adapter, replace(params, max_new_tokens=1), fixed, a.reply_start)[0]))
+        for arrival in arrivals]
     window = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -111,36 +113,51 @@ def _stall_while_others_arrive(engine, running: list[dict], adapter: str | None,
 
 
 @dataclass(frozen=True)
+class BenchPrompt:
+    """One RAG question as the model is given it when served (chat.ModelInput)."""
+
+    messages: list[dict]
+    reply_start: str  # the quoted evidence the reply opens with; the model's first token comes after it
+
+
+@dataclass(frozen=True)
 class BenchPrompts:
-    """The prompts the engine measurements use, rendered once from the knowledge store. Plain data
-    (messages are JSON), so that the engine part can also run where the knowledge stack is not
-    installed, such as a GPU machine (docs/bench.md)."""
+    """The prompts the engine measurements use, rendered once as served. Plain data (JSON: see
+    `from_json`), so that the engine part can also run where the knowledge stack is not installed,
+    such as a GPU machine (scripts/bench_engine.py)."""
 
     short: list[dict]  # a system prompt and a short question, no passages
-    rag: list[dict]  # a RAG prompt as served (few-shot examples, passages, question)
-    arrivals: list[list[dict]]  # three more RAG prompts of the same domain, arriving together
+    rag: BenchPrompt  # a RAG question
+    arrivals: list[BenchPrompt]  # three RAG questions of the same domain, arriving together
     fixed: int  # messages at the start of each RAG prompt that every question shares (its cached prefix)
     adapter: str | None  # the RAG prompts' adapter (their domain's, when it has one)
 
+    @classmethod
+    def from_json(cls, data: dict) -> BenchPrompts:
+        return cls(short=data["short"], rag=BenchPrompt(**data["rag"]),
+                   arrivals=[BenchPrompt(**a) for a in data["arrivals"]], fixed=data["fixed"], adapter=data["adapter"])
 
-def bench_prompts(engine, registry, store, domain, short_adapter: str) -> BenchPrompts:
-    """The bench's prompts: `domain`'s first example question and the next three, over `store`."""
+
+def bench_prompts(assistant, domain, short_adapter: str) -> BenchPrompts:
+    """The bench's prompts, as `assistant` serves them: `domain`'s first example question for the
+    RAG figures and its first three for the arrivals."""
     from domainchat import prompts
 
     question = domain.example_questions[0] if domain.example_questions else "What is a budget?"
-    adapter = domain.id if engine.available(domain.id) else None
-    with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)  # the prompt as served
+    adapter = domain.id if assistant.engine.available(domain.id) else None
+    with_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)
 
-    def rendered(q: str) -> list[dict]:
-        return prompts.render(domain, q, (), store.search(domain.id, q, domain.retrieval.k),
-                              count_tokens=engine.count_tokens, budget=2048, message_overhead=engine.message_overhead,
-                              with_few_shot=with_few_shot).messages
+    def served(q: str):  # -> chat.ModelInput
+        return assistant.model_input(domain, q, (), assistant.retrieve(domain, q), with_few_shot, domain.generation,
+                                     domain.grounding)
 
+    rag = served(question)
     questions = (list(domain.example_questions) + [question] * 3)[:3]
-    short = [{"role": "system", "content": registry.get(short_adapter).system_prompt},
+    short = [{"role": "system", "content": assistant.registry.get(short_adapter).system_prompt},
              {"role": "user", "content": "What is APR?"}]
-    return BenchPrompts(short=short, rag=rendered(question), arrivals=[rendered(q) for q in questions],
-                        fixed=1 + (2 * len(domain.few_shot) if with_few_shot else 0), adapter=adapter)
+    return BenchPrompts(short=short, rag=BenchPrompt(rag.messages, rag.reply_start),
+                        arrivals=[BenchPrompt(a.messages, a.reply_start) for a in map(served, questions)],
+                        fixed=rag.prefix_messages, adapter=adapter)
 
 
 def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int,
@@ -187,12 +204,15 @@ def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int
     one_token = replace(plain, max_new_tokens=1)
     report["ttft_short_s"] = round(statistics.median(
         _timed_stream(engine, bench.short, usable[0], one_token)[0] for _ in range(runs)), 3)
-    report["rag_prompt_tokens"] = len(engine.encode(bench.rag)[0])
+    rag = bench.rag
+    # The model reads the prompt and the quoted evidence its reply opens with before its first token.
+    report["rag_prompt_tokens"] = len(engine.encode(rag.messages)[0]) + engine.count_tokens(rag.reply_start)
     report["ttft_rag_s"] = round(statistics.median(
-        _timed_stream(engine, bench.rag, bench.adapter, one_token)[0] for _ in range(runs)), 3)
-    _timed_stream(engine, bench.rag, bench.adapter, one_token, bench.fixed)  # computes the prefix once
+        _timed_stream(engine, rag.messages, bench.adapter, one_token, 0, rag.reply_start)[0] for _ in range(runs)), 3)
+    _timed_stream(engine, rag.messages, bench.adapter, one_token, bench.fixed, rag.reply_start)  # caches the prefix
     report["ttft_rag_prefix_cached_s"] = round(statistics.median(
-        _timed_stream(engine, bench.rag, bench.adapter, one_token, bench.fixed)[0] for _ in range(runs)), 3)
+        _timed_stream(engine, rag.messages, bench.adapter, one_token, bench.fixed, rag.reply_start)[0]
+        for _ in range(runs)), 3)
 
     progress("arrivals")
     # Three people send RAG questions at once while a fourth is being answered (prefixes cached,
@@ -267,7 +287,7 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
     import torch
 
     from domainchat.base_model import resolve_base
-    from domainchat.chat import adapter_dirs
+    from domainchat.chat import Assistant, adapter_dirs
     from domainchat.domains import load_registry
     from domainchat.engine import Engine
     from domainchat.evaluate import fill_knowledge_hint
@@ -303,8 +323,8 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         usable = [d for d in domain_ids if engine.available(d)]
 
         store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
-        report.update(measure_engine(engine, usable, bench_prompts(engine, registry, store, domain, usable[0]),
-                                     runs, progress))
+        served = bench_prompts(Assistant(settings, registry, engine, store), domain, usable[0])
+        report.update(measure_engine(engine, usable, served, runs, progress))
         engine.close()
 
         progress("retrieval at 10,000 chunks")

@@ -59,6 +59,18 @@ class Done:
 Event = Token | Sources | Notice | Done
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """What the model is given for one answer, as served (the bench measures the same)."""
+
+    messages: list[dict[str, str]]
+    reply_start: str  # the quoted evidence the reply opens with; the model continues after it
+    params: GenerationParams  # with the number guard's allowed numbers and the opening's share of the length
+    prefix_messages: int  # leading messages every question of the domain shares (a cached prefix)
+    passages: list[Passage]  # what the answer cites: whole passages, in citation order (the sources panel)
+    tokens: int  # the prompt's tokens
+
+
 @dataclass
 class Transcript:
     """What a stream of events said: the text so far, the sources, the notices, and the Done."""
@@ -297,17 +309,23 @@ class Assistant:
                 self._sentence_vectors.popitem(last=False)
         return vectors
 
-    def ground(self, question: str, history: Sequence[tuple[str, str]], passages: list[Passage] | None,
-               params: GenerationParams, settings: GroundingSettings) -> tuple[str, GenerationParams]:
-        """(the text the answer opens with, the parameters with the number guard's allowed list):
-        the levers that keep an answer to its passages. Nothing changes without passages."""
+    def _ground(self, question: str, history: Sequence[tuple[str, str]], passages: list[Passage] | None,
+               params: GenerationParams, settings: GroundingSettings,
+               ) -> tuple[str, GenerationParams, list[Passage] | None]:
+        """(the text the answer opens with, the parameters with the number guard's allowed list, the
+        passages the model reads): the levers that keep an answer to its passages. Nothing changes
+        without passages. The model reads the passages cut down to the quoted evidence when
+        `settings.prompt_passages` says so and there is an opening."""
         if not passages:
-            return "", params
+            return "", params, passages
         reply_start = ""
+        model_reads = passages
         if settings.evidence_sentences:
             embed = self._embed_sentences if getattr(self.knowledge, "embeddings", None) is not None else None
             evidence = grounding.select_evidence(question, passages, embed, settings.evidence_sentences)
             reply_start = grounding.opening(evidence)
+            if evidence and settings.prompt_passages == "evidence":
+                model_reads = grounding.evidence_passages(passages, evidence)
             # The opening counts against the answer's length, so answers stay as short as before.
             params = replace(params, max_new_tokens=max(MIN_CONTINUATION_TOKENS,
                                                         params.max_new_tokens - self.engine.count_tokens(reply_start)))
@@ -315,17 +333,32 @@ class Assistant:
             allowed = grounding.allowed_numbers([p.text for p in passages] + [question] +
                                                 [text for turn in history for text in turn])
             params = replace(params, allowed_numbers=allowed)
-        return reply_start, params
+        return reply_start, params, model_reads
+
+    def model_input(self, domain: Domain, question: str, history: Sequence[tuple[str, str]],
+                    passages: list[Passage] | None, use_few_shot: bool, params: GenerationParams,
+                    settings: GroundingSettings) -> ModelInput:
+        """The prompt, reply start and parameters for `question` over `passages` (None: retrieval off)."""
+        rendered = self.render(domain, question, history, passages, use_few_shot, params.max_new_tokens)
+        reply_start, params, model_reads = self._ground(
+            question, history, rendered.passages if passages is not None else None, params, settings)
+        messages, tokens = rendered.messages, rendered.tokens
+        if model_reads is not None and model_reads is not rendered.passages:  # cut down to the evidence
+            cut = self.render(domain, question, history, model_reads, use_few_shot, params.max_new_tokens)
+            messages, tokens = cut.messages, cut.tokens
+        fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question
+        return ModelInput(messages, reply_start, params, fixed, rendered.passages, tokens)
 
     def reference_nll(self, domain_id: str, question: str, reference: str, use_adapter: bool) -> tuple[float, int]:
         """(summed NLL, tokens) of a reference answer given the prompt `answer` would send, retrieval on,
-        with the domain's adapter or the base alone: what eval turns into perplexity."""
+        with the domain's adapter or the base alone: what eval turns into perplexity. The reference
+        is scored as a whole reply (it has no quoted opening before it)."""
         domain = self.registry.get(domain_id)
         adapter = self.adapter_for(domain)[0] if use_adapter else None
         passages = self.retrieve(domain, question) if self.knowledge is not None else None
-        rendered = self.render(domain, question, (), passages, prompts.few_shot_for(with_adapter=adapter is not None),
-                               domain.generation.max_new_tokens)
-        return self.engine.answer_nll(rendered.messages, reference, adapter)
+        given = self.model_input(domain, question, (), passages, prompts.few_shot_for(with_adapter=adapter is not None),
+                                 domain.generation, domain.grounding)
+        return self.engine.answer_nll(given.messages, reference, adapter)
 
     def answer(
         self,
@@ -382,25 +415,22 @@ class Assistant:
         params = params or domain.generation
         if use_few_shot is None:
             use_few_shot = prompts.few_shot_for(with_adapter=adapter is not None)
-        rendered = self.render(domain, question, history, passages, use_few_shot, params.max_new_tokens)
-        prompt_tokens = rendered.tokens
-        if rendered.passages:
-            yield Sources(rendered.passages)
         grounding_settings = grounding_settings or domain.grounding
-        reply_start, params = self.ground(question, history, rendered.passages if passages is not None else None,
-                                          params, grounding_settings)
+        given = self.model_input(domain, question, history, passages, use_few_shot, params, grounding_settings)
+        prompt_tokens, reply_start, params = given.tokens, given.reply_start, given.params
+        if given.passages:
+            yield Sources(given.passages)
         # Without an opening the model writes the whole answer, as it always did.
         continuation = grounding_settings.continuation if reply_start else "free"
 
         pieces: list[str] = [reply_start] if reply_start else []
         written = ""  # what the model wrote after the opening, shown or not
         first_token_at = None
-        fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question
         withheld = False
         if reply_start:
             yield Token(reply_start)
         stream = iter(()) if continuation == "none" else self.engine.stream(
-            rendered.messages, adapter, params, cancel, prefix_messages=fixed, reply_start=reply_start)
+            given.messages, adapter, params, cancel, prefix_messages=given.prefix_messages, reply_start=reply_start)
         try:
             for piece in stream:
                 if first_token_at is None:
@@ -428,8 +458,8 @@ class Assistant:
                 withheld = True
             # A sentence that repeats the instructions is left out like an unbacked one: the quoted
             # passages before it leak nothing, and the reader still gets them.
-            elif (sentence and grounding.backed_by(rendered.passages, sentence)
-                  and not grounding.repeats_layout(sentence, rendered.passages)
+            elif (sentence and grounding.backed_by(given.passages, sentence)
+                  and not grounding.repeats_layout(sentence, given.passages)
                   and not safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt)):
                 pieces.append(sentence)
                 yield Token(sentence)

@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="comma-separated: base, base+rag, base+rag-no-fewshot, adapter, "
                                  "adapter+rag-ungrounded (no evidence opening, no number guard), adapter+rag-free "
                                  "(the model's continuation unchecked), adapter+rag-evidence (the quoted evidence "
-                                 "alone), adapter+rag")
+                                 "alone), adapter+rag-whole-passages (the model reads whole passages, not only "
+                                 "the quoted evidence), adapter+rag")
     evaluation.add_argument("--limit", type=int, help="at most this many answerable questions per domain")
     evaluation.add_argument("--batch", type=int, default=4,
                             help="questions answered at once, as rows of one decode step (1 to 16; default 4)")

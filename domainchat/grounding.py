@@ -16,6 +16,7 @@ optionally, a function that embeds texts).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -361,6 +362,20 @@ def opening(evidence: Sequence[Evidence]) -> str:
             items = [e.text.rstrip().rstrip(";,.:").rstrip() for e in sorted(groups[item], key=lambda e: e.position)]
             cited.append(_cite(f"{lead_in}: {'; '.join(items)}", number))
     return " ".join(cited) + "\n" if cited else ""
+
+
+def evidence_passages(passages: Sequence[Passage], evidence: Sequence[Evidence]) -> list[Passage]:
+    """`passages` cut down to the `evidence` sentences, each passage keeping its place (so its [n]) and
+    its title; one with no sentence chosen keeps no text. A list item keeps its lead-in, once."""
+    kept: list[Passage] = []
+    for number, passage in enumerate(passages, start=1):
+        lines: list[str] = []
+        for e in sorted((e for e in evidence if e.number == number), key=lambda e: e.position):
+            if e.lead_in and f"{e.lead_in}:" not in lines:
+                lines.append(f"{e.lead_in}:")
+            lines.append(f"- {e.text}" if e.lead_in else e.text)
+        kept.append(dataclasses.replace(passage, text="\n".join(lines)))
+    return kept
 
 
 def _cite(text: str, number: int) -> str:

@@ -68,6 +68,7 @@ def mixed_batch(engine: Engine, names: list[str], rows_per_adapter: int, new_tok
 
 
 def render(path: Path) -> None:
+    from domainchat.chat import Assistant
     from domainchat.knowledge import KnowledgeStore
 
     settings = load_settings(os.environ)
@@ -75,7 +76,7 @@ def render(path: Path) -> None:
     engine = Engine.start(settings, adapter_folders(settings, registry))
     store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
     domain = registry.get("finance" if "finance" in registry.domains else next(iter(registry.domains)))
-    prompts = bench.bench_prompts(engine, registry, store, domain, next(iter(registry.domains)))
+    prompts = bench.bench_prompts(Assistant(settings, registry, engine, store), domain, next(iter(registry.domains)))
     path.write_text(json.dumps(asdict(prompts), indent=1), encoding="utf-8")
     engine.close()
 
@@ -83,7 +84,7 @@ def render(path: Path) -> None:
 def measure(path: Path, runs: int) -> dict:
     settings = load_settings(os.environ)
     registry = load_registry(settings.domains_dir)
-    prompts = bench.BenchPrompts(**json.loads(path.read_text(encoding="utf-8")))
+    prompts = bench.BenchPrompts.from_json(json.loads(path.read_text(encoding="utf-8")))
     t0 = time.perf_counter()
     engine = Engine.start(settings, adapter_folders(settings, registry))
     engine.warm_up()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from domainchat.bench import _stall_while_others_arrive
+from domainchat.bench import BenchPrompt, _stall_while_others_arrive
 from domainchat.generation import GenerationParams
 
 
@@ -20,7 +20,7 @@ class TurnTakingEngine:
         self.prefill_s = prefill_s
         self.lock = threading.Lock()
 
-    def stream(self, messages, adapter, params, cancel=None, prefix_messages: int = 0):
+    def stream(self, messages, adapter, params, cancel=None, prefix_messages: int = 0, reply_start: str = ""):
         if messages[0]["content"] == "arrival":
             with self.lock:
                 time.sleep(self.prefill_s)
@@ -36,7 +36,7 @@ class TurnTakingEngine:
 
 
 def test_stall_is_the_longest_pause_of_the_running_answer_and_ttft_the_last_arrivals() -> None:
-    arrivals = [[{"role": "user", "content": "arrival"}]] * 3
+    arrivals = [BenchPrompt([{"role": "user", "content": "arrival"}], "")] * 3
     running = [{"role": "user", "content": "story"}]
     params = GenerationParams(temperature=0.0)
     stall, last = _stall_while_others_arrive(TurnTakingEngine(0.15), running, None, arrivals, 0, params)
@@ -64,15 +64,19 @@ def test_http_bench_measures_a_live_server_with_the_openai_client(api_url: str) 
 def test_engine_figures_from_plain_prompts(engine) -> None:
     """measure_engine (what `domainchat bench` and scripts/bench_engine.py report) over the real engine,
     from prompts that are plain data: nothing of the knowledge stack is needed."""
+    from dataclasses import asdict
+
     from domainchat.bench import BenchPrompts, measure_engine
 
-    rag = [{"role": "system", "content": "Answer from the passages."},
-           {"role": "user", "content": "Passages:\n[1] A Roth IRA takes after-tax money.\n\nWhat is a Roth IRA?"}]
+    rag = BenchPrompt([{"role": "system", "content": "Answer from the passages."},
+                       {"role": "user", "content": "Passages:\n[1] A Roth IRA takes after-tax money.\n\nWhat is it?"}],
+                      "A Roth IRA takes after-tax money [1].\n")
     prompts = BenchPrompts(short=[{"role": "user", "content": "What is APR?"}], rag=rag, arrivals=[rag] * 3,
                            fixed=1, adapter="alpha")
+    assert BenchPrompts.from_json(asdict(prompts)) == prompts, "prompts travel as JSON to a machine without Chroma"
     report = measure_engine(engine, ["alpha", "beta"], prompts, runs=1)
     assert report["decoder"] == engine.decoder_name
-    assert report["rag_prompt_tokens"] == len(engine.encode(rag)[0])
+    assert report["rag_prompt_tokens"] == len(engine.encode(rag.messages)[0]) + engine.count_tokens(rag.reply_start)
     assert report["decode_tokens_per_s"] > 1 and report["decode_naive_peft_generate_tokens_per_s"] > 1
     assert 0 < report["ttft_short_s"] and 0 < report["ttft_rag_s"] <= report["ttft_last_of_3_rag_arrivals_s"] + 5
     assert report["stall_max_gap_s_3_rag_arrivals"] > 0 and report["concurrency_speedup_4_sessions"] > 0.5

@@ -323,3 +323,18 @@ def test_an_opening_that_repeats_the_system_prompt_is_withheld_whatever_the_cont
         events = run(assistant, "finance", "What is the Roth IRA limit?",
                      grounding_settings=GroundingSettings(continuation=continuation))
         assert events[-1].answer == WITHHELD_ANSWER, continuation
+
+
+def test_the_model_reads_only_the_quoted_evidence_unless_told_otherwise(assistant: Assistant) -> None:
+    question = "What is the Roth IRA limit?"
+    whole = run(assistant, "finance", question, grounding_settings=GroundingSettings(prompt_passages="whole"))
+    cut = run(assistant, "finance", question)  # as served
+    (whole_prompt, _), (cut_prompt, _) = assistant.engine.calls
+    assert whole_prompt[-1]["content"] != cut_prompt[-1]["content"]
+    assert "| A Roth IRA holds after-tax money; the 2025 limit is $7,000." in cut_prompt[-1]["content"]
+    heading = "| IRAs > Roth IRA"
+    assert heading in whole_prompt[-1]["content"] and heading not in cut_prompt[-1]["content"], (
+        "the passage's heading line is not quoted evidence")
+    assert cut[-1].prompt_tokens < whole[-1].prompt_tokens
+    assert cut[0].passages == whole[0].passages, "the sources panel still shows whole passages"
+    assert cut[-1].answer == whole[-1].answer, "the opening and the check of the model's sentence are unchanged"

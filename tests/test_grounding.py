@@ -6,6 +6,7 @@ from __future__ import annotations
 from domainchat.grounding import (
     allowed_numbers,
     cited_spans,
+    evidence_passages,
     numbers_in,
     opening,
     passage_sentences,
@@ -208,3 +209,15 @@ def test_a_sentence_that_repeats_a_file_name_or_a_heading_path_repeats_layout() 
     assert repeats_layout("See the guide (401k.md) for details.", [vesting])
     assert not repeats_layout("Go to Settings > Security > Two-step verification.", [vesting, RETURNS])
     assert not repeats_layout("Vesting of employer contributions can take six years [1].", [vesting])
+
+
+def test_the_model_can_read_the_passages_cut_down_to_the_quoted_evidence() -> None:
+    evidence = select_evidence("Is there a restocking fee on a stove?", [SHIPPING, RETURNS], count=2)
+    assert {e.number for e in evidence} == {2}
+    cut = evidence_passages([SHIPPING, RETURNS], evidence)
+    assert [p.title for p in cut] == ["Shipping", "Returns"], "every passage keeps its place, so its [n]"
+    assert cut[0].text == "", "a passage none of whose sentences is quoted keeps no text"
+    assert cut[1].text.splitlines() == [e.text for e in sorted(evidence, key=lambda e: e.position)]
+    assert "Mountain" not in "".join(p.text for p in cut) and SHIPPING.text.endswith("$7.45."), "originals kept"
+    items = [e for e in select_evidence("What does the restocking fee cover?", [RETURNS], count=3) if e.lead_in]
+    assert evidence_passages([RETURNS], items)[0].text == "It covers:\n- Cleaning and a pressure test by a technician."

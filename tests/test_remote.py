@@ -47,11 +47,10 @@ def test_front_gives_the_local_engines_greedy_answers(front: Assistant, domain_a
                                             grounding_settings=unguarded) if isinstance(e, Done))
         adapter = domain_id if use_adapter else None
         domain = front.registry.get(domain_id)
-        passages = domain_assistant.retrieve(domain, question)
-        rendered = domain_assistant.render(domain, question, (), passages,
-                                           prompts.few_shot_for(with_adapter=use_adapter), params.max_new_tokens)
-        start, local_params = domain_assistant.ground(question, (), rendered.passages, params, unguarded)
-        local = domain_assistant.engine.complete(rendered.messages, adapter, local_params, reply_start=start)
+        given = domain_assistant.model_input(domain, question, (), domain_assistant.retrieve(domain, question),
+                                             prompts.few_shot_for(with_adapter=use_adapter), params, unguarded)
+        start = given.reply_start
+        local = domain_assistant.engine.complete(given.messages, adapter, given.params, reply_start=start)
         assert start and done.adapter == adapter and local.strip() and done.answer == (start + local).strip()
 
 
