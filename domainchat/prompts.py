@@ -1,7 +1,9 @@
 """Prompts: turn a domain, a question, its history and retrieved passages into chat messages.
 
 `render()` is the single place a prompt is built, used by inference AND by training, so an adapter
-is trained on exactly the prompt it will see. Passages are numbered [1]..[k] as the answer cites
+is trained on the prompt format it will see (served answers open with quoted evidence, and the
+model then reads the passages cut down to it, grounding.prompt_passages; training renders whole
+passages and whole answers). Passages are numbered [1]..[k] as the answer cites
 them, and every passage line is quoted ("| ") so that a document can never pose as instructions.
 When the prompt would not fit the token budget, the oldest history turns go first, then the
 lowest-ranked passages. This module knows nothing about models (it is given a token counter and

@@ -1,9 +1,10 @@
 """Train: LoRA / QLoRA supervised fine-tuning of one domain's adapter.
 
-Owns the training data format (`domains/<id>/train.jsonl`), turning each example into the exact
-prompt inference will send (`prompts.render` with passages retrieved by the same knowledge store,
+Owns the training data format (`domains/<id>/train.jsonl`), turning each example into a prompt
+as inference renders it (`prompts.render` with whole passages retrieved by the same knowledge store,
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
-passage's number), counterfactual copies of examples (the figures an answer reads from its source
+passage's number; a served answer then opens with quoted evidence and the model reads only that,
+grounding.prompt_passages), counterfactual copies of examples (the figures an answer reads from its source
 passage changed in both, as retrieval-augmented fine-tuning does), the loss on assistant tokens
 only (the answer and the end-of-turn text the base model's chat template closes a reply with, from
 chat_template.py), and the adapter folder it writes: 16-bit weights, adapter_config.json, a
