@@ -4,8 +4,11 @@ Measures cold start and serving peak memory (in a separate process, probe.py, th
 `serve` does), adapter switching, time to first token, the pause of a running answer while three RAG
 questions arrive and the last one's time to first token, decode speed against a naive
 `PeftModel.generate`, four concurrent sessions against one, retrieval at 10,000 chunks and ingest
-throughput, each in one run so that ratios compare like with like, and checks them against BENCH_TARGETS. It drives the
-engine and the knowledge store directly; answer quality is evaluate.py's job.
+throughput, each in one run so that ratios compare like with like, and checks them against
+BENCH_TARGETS. It drives the engine and the knowledge store directly, with RAG prompts rendered as
+chat.Assistant serves them (`bench_prompts`: the model reads the prompt and the quoted opening);
+the engine part (`measure_engine`) needs only the engine and those prompts as plain data. Answer
+quality is evaluate.py's job.
 """
 
 from __future__ import annotations
