@@ -136,9 +136,16 @@ class BenchPrompts:
     adapter: str | None  # the RAG prompts' adapter (their domain's, when it has one)
 
     @classmethod
-    def from_json(cls, data: dict) -> BenchPrompts:
-        return cls(short=data["short"], rag=BenchPrompt(**data["rag"]),
-                   arrivals=[BenchPrompt(**a) for a in data["arrivals"]], fixed=data["fixed"], adapter=data["adapter"])
+    def from_json(cls, data: object) -> BenchPrompts:
+        """BenchPrompts from `asdict` output; BadInput, saying how to make a good file, otherwise."""
+        try:
+            assert isinstance(data, dict)
+            return cls(short=data["short"], rag=BenchPrompt(**data["rag"]),
+                       arrivals=[BenchPrompt(**a) for a in data["arrivals"]], fixed=data["fixed"],
+                       adapter=data["adapter"])
+        except (AssertionError, KeyError, TypeError) as exc:
+            raise BadInput(f"These are not the bench's prompts ({type(exc).__name__}: {exc}): write them with "
+                           "`python scripts/bench_engine.py --render FILE`.") from None
 
 
 def bench_prompts(assistant, domain, short_adapter: str) -> BenchPrompts:

@@ -4,9 +4,9 @@ Owns the training data format (`domains/<id>/train.jsonl`), turning each example
 as inference renders it (`prompts.render` with whole passages retrieved by the same knowledge store,
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
 passage's number; a served answer then opens with quoted evidence and the model reads only that,
-grounding.prompt_passages), counterfactual copies of examples (the figures an answer reads from its source
-passage changed in both, as retrieval-augmented fine-tuning does), the loss on assistant tokens
-only (the answer and the end-of-turn text the base model's chat template closes a reply with, from
+grounding.prompt_passages), counterfactual copies of examples (the figures an answer reads from
+its source passage changed in both, as retrieval-augmented fine-tuning does), the loss on
+assistant tokens only (the answer and the end-of-turn text the base model's chat template closes a reply with, from
 chat_template.py), and the adapter folder it writes: 16-bit weights, adapter_config.json, a
 training card and a loss curve. With feedback, the liked and corrected answers people gave
 (`feedback.py` says which) join the data, rendered with the passages those answers had. It knows

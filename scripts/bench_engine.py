@@ -28,6 +28,7 @@ import torch
 from domainchat import bench
 from domainchat.domains import load_registry
 from domainchat.engine import Engine
+from domainchat.errors import BadInput
 from domainchat.settings import load_settings
 
 
@@ -81,10 +82,9 @@ def render(path: Path) -> None:
     engine.close()
 
 
-def measure(path: Path, runs: int) -> dict:
+def measure(prompts: bench.BenchPrompts, runs: int) -> dict:
     settings = load_settings(os.environ)
     registry = load_registry(settings.domains_dir)
-    prompts = bench.BenchPrompts.from_json(json.loads(path.read_text(encoding="utf-8")))
     t0 = time.perf_counter()
     engine = Engine.start(settings, adapter_folders(settings, registry))
     engine.warm_up()
@@ -112,7 +112,11 @@ def main() -> None:
     if args.render:
         render(args.render)
     elif args.prompts:
-        print(json.dumps(measure(args.prompts, args.runs), indent=1))
+        try:
+            prompts = bench.BenchPrompts.from_json(json.loads(args.prompts.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, BadInput) as exc:
+            parser.error(f"{args.prompts}: {exc}")
+        print(json.dumps(measure(prompts, args.runs), indent=1))
     else:
         parser.error("give --render FILE or --prompts FILE")
 

@@ -46,6 +46,15 @@ def test_stall_is_the_longest_pause_of_the_running_answer_and_ttft_the_last_arri
     assert stall < 0.15 and last < 0.15
 
 
+def test_prompts_that_are_not_the_benchs_say_how_to_make_them() -> None:
+    from domainchat.bench import BenchPrompts
+    from domainchat.errors import BadInput
+
+    for bad in ([], {"short": []}, {"short": [], "rag": {"text": "x"}, "arrivals": [], "fixed": 1, "adapter": None}):
+        with pytest.raises(BadInput, match=r"scripts/bench_engine.py --render FILE"):
+            BenchPrompts.from_json(bad)
+
+
 @pytest.mark.slow
 def test_http_bench_measures_a_live_server_with_the_openai_client(api_url: str) -> None:
     """One run of every client-side figure against a real server (real model, test adapters)."""
