@@ -458,7 +458,8 @@ class Assistant:
                 withheld = True
             # A sentence that repeats the instructions is left out like an unbacked one: the quoted
             # passages before it leak nothing, and the reader still gets them.
-            elif (sentence and grounding.backed_by(given.passages, sentence)
+            elif (sentence and grounding.adds_to(reply_start, sentence)
+                  and grounding.backed_by(given.passages, sentence)
                   and not grounding.repeats_layout(sentence, given.passages)
                   and not safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt)):
                 pieces.append(sentence)

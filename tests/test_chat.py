@@ -26,7 +26,7 @@ class RecordingEngine:
         self.calls: list[tuple[list[dict], str | None]] = []
         self.starts: list[tuple[str, object]] = []
         self.closed = 0  # streams closed before their end
-        self.reply = ["The 2025 ", "limit is ", "$7,000 [1]. ", "Then more ", "words."]
+        self.reply = ["Savers can put ", "after-tax money into ", "a Roth IRA every year [1]. ", "Then more ", "words."]
 
     def available(self, name: str | None) -> bool:
         return name is None or (name in self.adapters and self.adapters[name].loaded)
@@ -75,12 +75,13 @@ def test_grounded_answer_events(assistant: Assistant) -> None:
     opening = "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1].\n"
     assert events[1].text == opening, "the answer opens with the passage sentence nearest the question"
     done = events[-1]
-    assert events[2].text == "The 2025 limit is $7,000 [1].", "the model's first sentence, which its passage backs"
+    added = "Savers can put after-tax money into a Roth IRA every year [1]."
+    assert events[2].text == added, "the model's first sentence, which its passage backs and which adds to the opening"
     assert done.answer == opening + events[2].text and done.adapter == "finance" and not done.abstained
     assert assistant.engine.closed == 1, "generation stopped after the first sentence"
     reply_start, params = assistant.engine.starts[0]
     assert reply_start == opening and params.allowed_numbers == {"2025", "7,000"}
-    assert done.timing["tokens"] == 8, "speed counts generated tokens (one past the sentence), not the opening"
+    assert done.timing["tokens"] == 14, "speed counts generated tokens (one past the sentence), not the opening"
     assert events[-2].kind == "disclaimer"
     messages, adapter = assistant.engine.calls[0]
     assert adapter == "finance" and "$7,000" in messages[-1]["content"] and "[1]" in messages[-1]["content"]
@@ -192,7 +193,8 @@ def test_grounding_levers_can_be_turned_off(assistant: Assistant) -> None:
 
     events = run(assistant, "finance", "What is the Roth IRA limit?",
                  grounding_settings=GroundingSettings(evidence_sentences=0, number_guard=False))
-    assert events[-1].answer == "The 2025 limit is $7,000 [1]. Then more words.", "no opening: the model's own answer"
+    own = "Savers can put after-tax money into a Roth IRA every year [1]. Then more words."
+    assert events[-1].answer == own, "no opening: the model's own answer"
     assert assistant.engine.starts[0] == ("", assistant.engine.starts[0][1])
     assert assistant.engine.starts[0][1].allowed_numbers is None
 
@@ -288,8 +290,14 @@ def test_a_continuation_that_repeats_the_system_prompt_is_left_out_and_the_openi
     assert instructions not in "".join(e.text for e in events if isinstance(e, Token))
 
 
+def test_a_continuation_that_restates_the_opening_is_left_out(assistant: Assistant) -> None:
+    assistant.engine.reply = ["The 2025 limit is $7,000 [1]. ", "More."]
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
+
+
 def test_a_continuation_that_names_its_source_file_is_left_out(assistant: Assistant) -> None:
-    assistant.engine.reply = ["The 2025 limit is $7,000 (ira.md) [1]. ", "More."]
+    assistant.engine.reply = ["A Roth IRA holds after-tax money for savers every year (ira.md) [1]. ", "More."]
     events = run(assistant, "finance", "What is the Roth IRA limit?")
     assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
 
@@ -305,7 +313,8 @@ def test_free_and_no_continuation(assistant: Assistant) -> None:
     opening = "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1].\n"
     question = "What is the Roth IRA limit?"
     free = run(assistant, "finance", question, grounding_settings=GroundingSettings(continuation="free"))
-    assert free[-1].answer == opening + "The 2025 limit is $7,000 [1]. Then more words."
+    assert free[-1].answer == opening + (
+        "Savers can put after-tax money into a Roth IRA every year [1]. Then more words.")
     calls = len(assistant.engine.calls)
     alone = run(assistant, "finance", question, grounding_settings=GroundingSettings(continuation="none"))
     assert alone[-1].answer == opening.strip() and len(assistant.engine.calls) == calls, "the model is not asked"

@@ -119,6 +119,29 @@ def test_quoted_sentences_stay_within_the_word_budget() -> None:
     assert len(within) == 2 and sum(len(e.text.split()) for e in within) <= 40
 
 
+def test_a_lists_lead_in_counts_against_the_word_budget_once() -> None:
+    passage = Passage(id="fees.md:1:a", source="fees.md", title="Fees", score=0.8, text=(
+        "A restocking fee applies to these returned items when they arrive opened or used:\n"
+        "- opened stoves with a restocking fee;\n- used grills with a restocking fee;\n"
+        "- lit heaters with a restocking fee."))
+    chosen = select_evidence("restocking fee", [passage], count=3, max_words=26)
+    # lead-in (14 words) + two items (5 each) = 24; a third item would make 29
+    assert len(chosen) == 2 and all(e.lead_in for e in chosen)
+    assert len(opening(chosen).split()) <= 26 + 2  # + the [n] marker
+
+
+def test_the_models_sentence_is_added_only_when_it_says_something_new_and_fits() -> None:
+    from domainchat import grounding
+    from domainchat.grounding import adds_to
+
+    start = "A 12% restocking fee is deducted when a stove has been lit [1]. Orders of $75 ship free [2].\n"
+    assert not adds_to(start, "A restocking fee of 12% is deducted when the stove was lit [1].")  # restated
+    assert adds_to(start, "Keep the original box so the return can be inspected quickly [1].")
+    assert not adds_to(start, "It is what it is.")  # no content words
+    long_start = "Returns are easy [1]. " * (grounding.MAX_ANSWER_WORDS // 4 - 1)
+    assert not adds_to(long_start, "Keep the original box so the return can be inspected quickly [1].")
+
+
 def test_opening_cites_each_sentence_before_its_full_stop() -> None:
     from domainchat.grounding import Evidence
 
