@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from domainchat.batcher import Request
-from domainchat.decoder import FusedLinear, LeanDecoder
+from domainchat.decoder import DequantizedLinear, FusedLinear, LeanDecoder
 from domainchat.engine import Engine
 from domainchat.generation import GenerationParams
 from domainchat.sampling import Sampler
@@ -193,6 +193,54 @@ def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDe
     with pytest.raises(IndexError):
         list(engine._batcher.run(broken))
     assert engine.complete(PROMPTS[0], "alpha", short) == before and engine.count_tokens(before) == 4
+
+
+@pytest.fixture(scope="module")
+def standard_layout_engine(settings, test_adapters) -> Iterator[Engine]:
+    """An engine whose nf4 weights stay in bitsandbytes' standard layout, as on a CPU without
+    AVX512-BF16 (bitsandbytes repacks them into its tile layout only where that kernel runs): the
+    lean decoder's float32 path, forced here so that every CI run checks it."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    with pytest.MonkeyPatch.context() as patch:  # read when each Linear4bit is built
+        patch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+        engine = Engine.start(settings, test_adapters)
+    yield engine
+    engine.close()
+
+
+def test_the_standard_layout_path_matches_transformers_and_batches(standard_layout_engine: Engine) -> None:
+    engine = standard_layout_engine
+    lean = engine._decoder
+    assert lean is not None and isinstance(lean.layers[0].qkv, DequantizedLinear), (
+        "without the tile layout the lean decoder should serve from float32 copies")
+    for adapter in (None, "alpha"):
+        for messages in PROMPTS:
+            assert engine.complete(messages, adapter, GREEDY) == transformers_reply(engine, messages, adapter, GREEDY)
+    adapters = [None, "alpha", "beta"]
+    solo = {adapter: engine.complete(PROMPTS[1], adapter, GREEDY) for adapter in adapters}
+    results: dict[int, str] = {}
+    widest = []
+    original_step = lean.step
+
+    def recording_step(tokens, caches, names):
+        widest.append(len(tokens))
+        return original_step(tokens, caches, names)
+
+    def answer(i: int) -> None:
+        results[i] = engine.complete(PROMPTS[1], adapters[i], GREEDY)
+
+    lean.step = recording_step
+    try:
+        threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(adapters))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        del lean.step
+    assert results == {i: solo[adapters[i]] for i in range(len(adapters))}, "a batch row answers as it would alone"
+    assert max(widest) >= 2, "concurrent requests should share decode steps"
 
 
 def test_declines_a_model_it_does_not_understand() -> None:
