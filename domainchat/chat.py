@@ -451,8 +451,9 @@ class Assistant:
             if close is not None:
                 close()  # closing the engine's stream stops its generation
         if continuation != "free":
-            # Held back until whole, then shown only when a passage backs it: most of what the model
-            # adds after the quoted evidence is backed by none (see GroundingSettings.continuation).
+            # Held back until whole, then shown only when it adds to the opening and a passage backs
+            # it: most of what the model adds after the quoted evidence restates it or is backed by
+            # none (see GroundingSettings.continuation).
             sentence = grounding.first_sentence(written, final=True) if continuation == "sentence" else ""
             if safety.repeats_system_prompt(reply_start, domain.system_prompt):
                 withheld = True
