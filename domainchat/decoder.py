@@ -451,12 +451,18 @@ class LeanDecoder:
         return adapter is None or adapter in self.loras
 
     def _prefill_linear(self, x: torch.Tensor, fused: FusedLinear, group: LoraGroup | None) -> torch.Tensor:
-        base = fused.dense(x) if self.prefill_kernel == "dense" else fused.gemv(x)
+        with _threads(self.threads):
+            base = fused.dense(x) if self.prefill_kernel == "dense" else fused.gemv(x)
         return self._add_lora_one(base, x, group)
 
     def prefill(self, ids: Sequence[int], cache: KVCache, adapter: str | None) -> torch.Tensor:
         """Run `ids` after what `cache` holds (one sequence); return the last position's logits [1, V]."""
-        with _threads(self.threads):
+        # Only the layers' products and attention use all intra-op threads; the element-wise work
+        # between them runs on one. In a thread other than the one that loaded the model (the
+        # batcher's), OpenMP counts more threads than cores and stops spinning between parallel
+        # regions, so each short element-wise region waits on a wake-up (an add over 128 x 576:
+        # 5 us in the main thread, 20-60 us in another; 8 us there on one thread, measured).
+        with _threads(1):
             return self._prefill(ids, cache, adapter)
 
     def _prefill(self, ids: Sequence[int], cache: KVCache, adapter: str | None) -> torch.Tensor:
@@ -484,11 +490,12 @@ class LeanDecoder:
             cache.keys[index, :, start:start + m] = k
             cache.values[index, :, start:start + m] = v.view(m, self.kv_heads, self.head_dim).transpose(0, 1)
             queries = q if padding is None else torch.cat([padding, q], dim=1)
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                queries.unsqueeze(0), cache.keys[index, :, :start + m].unsqueeze(0),
-                cache.values[index, :, :start + m].unsqueeze(0), attn_mask=mask, is_causal=mask is None,
-                scale=self.scaling, enable_gqa=True,
-            )
+            with _threads(self.threads):
+                attended = torch.nn.functional.scaled_dot_product_attention(
+                    queries.unsqueeze(0), cache.keys[index, :, :start + m].unsqueeze(0),
+                    cache.values[index, :, :start + m].unsqueeze(0), attn_mask=mask, is_causal=mask is None,
+                    scale=self.scaling, enable_gqa=True,
+                )
             attended = attended[0, :, -m:].transpose(0, 1).reshape(m, -1)
             h.add_(self._prefill_linear(attended, layer.o, groups.get("o")))
             x = self._norm(h, layer.post_norm)
