@@ -318,14 +318,10 @@ class Assistant:
         `settings.prompt_passages` says so and there is an opening."""
         if not passages:
             return "", params, passages
-        reply_start = ""
-        model_reads = passages
-        if settings.evidence_sentences:
-            embed = self._embed_sentences if getattr(self.knowledge, "embeddings", None) is not None else None
-            evidence = grounding.select_evidence(question, passages, embed, settings.evidence_sentences)
-            reply_start = grounding.opening(evidence)
-            if evidence and settings.prompt_passages == "evidence":
-                model_reads = grounding.evidence_passages(passages, evidence)
+        embed = self._embed_sentences if getattr(self.knowledge, "embeddings", None) is not None else None
+        reply_start, model_reads = grounding.served_start(question, passages, embed, settings.evidence_sentences,
+                                                          settings.prompt_passages)
+        if reply_start:
             # The opening counts against the answer's length, so answers stay as short as before.
             params = replace(params, max_new_tokens=max(MIN_CONTINUATION_TOKENS,
                                                         params.max_new_tokens - self.engine.count_tokens(reply_start)))

@@ -8,7 +8,7 @@ open with them, quoted with their [n]; it lists the numbers that the passages, t
 conversation contain, which the engine's number guard and the eval's "unsupported numbers" use, and
 changes figures consistently (the counterfactual eval's knowledge and training's counterfactual
 copies); and it says whether a passage backs a sentence (the check on what the model adds after the
-opening, and the eval's citation precision).
+opening, and the eval's citation precision) and whether that sentence adds anything to the opening.
 
 It works on text only: it knows nothing of models, stores or domains (it is handed passages and,
 optionally, a function that embeds texts).
@@ -384,6 +384,19 @@ def opening(evidence: Sequence[Evidence]) -> str:
             items = [e.text.rstrip().rstrip(";,.:").rstrip() for e in sorted(groups[item], key=lambda e: e.position)]
             cited.append(_cite(f"{lead_in}: {'; '.join(items)}", number))
     return " ".join(cited) + "\n" if cited else ""
+
+
+def served_start(question: str, passages: list[Passage], embed: Embed | None, sentences: int,
+                 prompt_passages: str) -> tuple[str, list[Passage]]:
+    """(the answer's opening, the passages the model reads before continuing it): up to `sentences`
+    evidence sentences quoted with their [n], and `passages` cut down to them when `prompt_passages`
+    is "evidence" (the same list object otherwise). Serving and training's served-format examples
+    both build it here, so that an adapter learns on what it is served."""
+    if not sentences or not passages:
+        return "", passages
+    evidence = select_evidence(question, passages, embed, sentences)
+    reads = evidence_passages(passages, evidence) if evidence and prompt_passages == "evidence" else passages
+    return opening(evidence), reads
 
 
 def evidence_passages(passages: Sequence[Passage], evidence: Sequence[Evidence]) -> list[Passage]:

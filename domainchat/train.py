@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from domainchat import feedback, prompts
+from domainchat import feedback, grounding, prompts
 from domainchat.chat_template import ChatTemplate
 from domainchat.domains import Domain
 from domainchat.errors import BadInput, ConfigError
@@ -64,6 +64,10 @@ class TrainingConfig:
     # The share of examples (of those whose answer states a number of its source passage) added again
     # with those numbers changed: see counterfactual_example.
     counterfactual: float = 0.0
+    # The share of grounded examples added again in the served format: the passages cut down to the
+    # quoted evidence, the reply opening with it, and the loss only on what the example's answer adds
+    # after it (see served_example).
+    served_format: float = 0.0
 
     @classmethod
     def from_domain(cls, domain: Domain, **overrides: Any) -> TrainingConfig:
@@ -80,7 +84,7 @@ class TrainingConfig:
         except TypeError as exc:
             raise ConfigError(f"{where}' is invalid: {exc}.") from None
         numeric = ("rank", "alpha", "dropout", "learning_rate", "epochs", "batch_size", "max_length", "held_out",
-                   "seed", "counterfactual") + (("max_steps",) if config.max_steps is not None else ())
+                   "seed", "counterfactual", "served_format") + (("max_steps",) if config.max_steps is not None else ())
         for key in numeric:
             value = getattr(config, key)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -90,6 +94,7 @@ class TrainingConfig:
                   ("batch_size", config.batch_size >= 1),
                   ("max_length", 64 <= config.max_length <= 8192), ("held_out", 0 <= config.held_out < 0.5),
                   ("counterfactual", 0 <= config.counterfactual <= 1),
+                  ("served_format", 0 <= config.served_format <= 1),
                   ("max_steps", config.max_steps is None or config.max_steps >= 1)]
         for key, ok in checks:
             if not ok:
@@ -199,20 +204,41 @@ def counterfactual_example(example: Example, passages: list[Passage], source_ind
     return replace(example, answer=apply_numbers(example.answer, mapping), history=history), changed_passages
 
 
+def served_example(example: Example, passages: list[Passage], answer: str, domain: Domain,
+                   embed: grounding.Embed | None) -> tuple[str, list[Passage], str] | None:
+    """The example as it is served: (the opening quoting the evidence sentences, the passages the
+    model reads after it, what the model should add). What it adds is the first sentence of the
+    example's answer that says something the opening does not and that a passage backs, the two
+    checks serving applies before showing the model's sentence; "" (the reply ends there) when the
+    opening already says all of it. None when no evidence sentence is chosen."""
+    settings = domain.grounding
+    start, reads = grounding.served_start(example.question, passages, embed, settings.evidence_sentences,
+                                          settings.prompt_passages)
+    if not start:
+        return None
+    adds = (s for s in grounding.sentences_of_answer(answer)
+            if grounding.adds_to(start, s) and grounding.backed_by(passages, s))
+    return start, reads, next(adds, "")
+
+
 def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, passages: list[Passage] | None,
-                     answer: str, max_length: int) -> tuple[list[int], list[int]] | None:
-    """(input ids, labels) with the loss on the answer only; None when no answer token fits."""
+                     answer: str, max_length: int, reply_start: str = "") -> tuple[list[int], list[int]] | None:
+    """(input ids, labels) with the loss on the answer only; None when no answer token fits. With
+    `reply_start`, the reply opens with it as served (tokenized apart from the prompt, as the engine
+    does) and the loss is on `answer`, its continuation, and the end of the turn."""
     def count(text: str) -> int:
         return len(template.tokenizer.encode(text, add_special_tokens=False))
 
-    answer_ids = template.reply_ids(answer)
-    budget = max_length - len(answer_ids) - 8
+    start_ids = template.tokenizer.encode(reply_start, add_special_tokens=False) if reply_start else []
+    answer_ids = (template.tokenizer.encode(answer + template.end_of_turn, add_special_tokens=False) if reply_start
+                  else template.reply_ids(answer))
+    budget = max_length - len(start_ids) - len(answer_ids) - 8
     if budget <= 0:
         return None
     rendered = prompts.render(domain, example.question, example.history, passages, count_tokens=count, budget=budget,
                               message_overhead=template.message_overhead,
                               with_few_shot=prompts.few_shot_for(with_adapter=True))
-    prompt_ids = template.prompt_ids(rendered.messages)
+    prompt_ids = template.prompt_ids(rendered.messages) + start_ids
     ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
     if all(label == IGNORE for label in labels):
@@ -220,15 +246,29 @@ def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, p
     return ids, labels
 
 
+Row = tuple[list[int], list[int]]  # input ids, labels
+
+
+@dataclass(frozen=True)
+class Dataset:
+    groups: list[list[Row]]  # one group per example: its rows land on one side of the held-out split
+    counterfactual_copies: int = 0
+    served_copies: int = 0
+
+
 def build_dataset(template: ChatTemplate, domain: Domain, examples: list[Example], store: KnowledgeStore,
-                  max_length: int, counterfactual: float = 0.0,
-                  seed: int = 0) -> list[list[tuple[list[int], list[int]]]]:
+                  max_length: int, counterfactual: float = 0.0, seed: int = 0,
+                  served_format: float = 0.0) -> Dataset:
     """Training rows, one group per example: each example rendered with the passages inference
     would retrieve; with `counterfactual` > 0, that share of the examples whose answer states a
     number of its source passage also gets a copy with the numbers changed (`counterfactual_example`)
-    in its group, so that an example and its copy land on the same side of the held-out split."""
+    in its group, so that an example and its copy land on the same side of the held-out split; with
+    `served_format` > 0, that share of the examples with a source also gets a copy as served
+    (`served_example`), in its group too."""
+    embed = store.embeddings.embed_documents if served_format > 0 and store.embeddings is not None else None
     stop_rules = {r.message.strip() for r in domain.risk_rules if r.action == "stop"}
     groups = []
+    copies = {"counterfactual": 0, "served": 0}
     for example in examples:
         if example.kind == "risk" and example.answer.strip() not in stop_rules:
             continue  # a notice rule's message is shown beside a normal answer, never as the answer
@@ -243,20 +283,31 @@ def build_dataset(template: ChatTemplate, domain: Domain, examples: list[Example
                 if changed is not None:
                     variants.append((changed[0], changed[1], source_index))
         group = []
-        for variant, passages, source_index in variants:
+        for number, (variant, passages, source_index) in enumerate(variants):
             answer = _cited(variant.answer, source_index) if passages is not None else variant.answer
             row = tokenize_example(template, domain, variant, passages, answer, max_length)
             if row is not None:
                 group.append(row)
+                copies["counterfactual"] += number > 0
+        original, passages, source_index = variants[0]
+        if (served_format > 0 and passages is not None and source_index is not None
+                and random.Random(f"{seed}:served:{original.line}").random() < served_format):
+            served = served_example(original, passages, _cited(original.answer, source_index), domain, embed)
+            if served is not None:
+                start, reads, adds = served
+                row = tokenize_example(template, domain, original, reads, adds, max_length, reply_start=start)
+                if row is not None:
+                    group.append(row)
+                    copies["served"] += 1
         if group:
             groups.append(group)
     if not groups:
         raise BadInput(f"max_length {max_length} cuts away every answer token; raise training.max_length.")
-    return groups
+    return Dataset(groups, copies["counterfactual"], copies["served"])
 
 
 def feedback_dataset(template: ChatTemplate, domain: Domain, log: feedback.FeedbackLog, store: KnowledgeStore,
-                     max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
+                     max_length: int) -> tuple[list[Row], dict[str, Any]]:
     """Training rows from the feedback entries that teach something (`Entry.target`), each rendered
     with the passages its answer had, in their [n] order; and a report of what was used and skipped."""
     skipped = {"no_passages": 0, "sources_gone": 0, "duplicate": 0, "too_long": 0}
@@ -302,6 +353,7 @@ class TrainResult:
     seconds: float = 0.0
     feedback: dict[str, Any] | None = None  # feedback_dataset's report, when trained with feedback
     counterfactual_rows: int = 0  # counterfactual copies among the rows (build_dataset)
+    served_rows: int = 0  # served-format copies among the rows
 
 
 def sha256_file(path: Path) -> str:
@@ -348,8 +400,9 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     base_source = resolve_base(settings)
     tokenizer = AutoTokenizer.from_pretrained(base_source)
     template = ChatTemplate.of(tokenizer)
-    groups = build_dataset(template, domain, examples, store, config.max_length, config.counterfactual, config.seed)
-    counterfactual_rows = sum(len(group) - 1 for group in groups)
+    dataset = build_dataset(template, domain, examples, store, config.max_length, config.counterfactual, config.seed,
+                            config.served_format)
+    groups = list(dataset.groups)
     feedback_report = None
     if with_feedback:
         log = feedback.read(settings.home, domain.id)
@@ -418,7 +471,8 @@ def train(settings: Settings, domain: Domain, store: KnowledgeStore, config: Tra
     model.eval()
     held_loss = _mean_loss(model, held) if held else None
     result = TrainResult(out=out, steps=step, train_loss=losses, held_out_loss=held_loss, seconds=seconds,
-                         feedback=feedback_report, counterfactual_rows=counterfactual_rows)
+                         feedback=feedback_report, counterfactual_rows=dataset.counterfactual_copies,
+                         served_rows=dataset.served_copies)
     _write_card(out, domain, config, base_source, data_hash, len(train_rows), len(held), result)
     checkpoint.unlink(missing_ok=True)
     return result
@@ -438,7 +492,8 @@ def _write_card(out: Path, domain: Domain, config: TrainingConfig, base_source: 
         "base_model_sha256": sha256_file(base_weights) if base_weights.exists() else None,
         "train_data": f"domains/{domain.id}/{TRAIN_FILE}",
         "train_data_sha256": data_hash,
-        "examples": {"train": n_train, "held_out": n_held, "counterfactual_copies": result.counterfactual_rows},
+        "examples": {"train": n_train, "held_out": n_held, "counterfactual_copies": result.counterfactual_rows,
+                     "served_format_copies": result.served_rows},
         "feedback": result.feedback,  # null when trained without feedback
         "hyperparameters": asdict(config),
         "prompt": "domainchat.prompts.render (system prompt, few-shot, quoted numbered passages, history)",

@@ -124,6 +124,8 @@ def test_training_settings_are_validated(tiny_domain) -> None:
         TrainingConfig.from_domain(bad)
     with pytest.raises(ConfigError, match="'training.counterfactual' has an out-of-range value"):
         TrainingConfig.from_domain(domain, counterfactual=1.5)
+    with pytest.raises(ConfigError, match="'training.served_format' has an out-of-range value"):
+        TrainingConfig.from_domain(domain, served_format=-0.1)
     wordy = domain.__class__(**{**domain.__dict__, "training": {"counterfactual": "half"}})
     with pytest.raises(ConfigError, match="'training.counterfactual' must be a number, not 'half'"):
         TrainingConfig.from_domain(wordy)
@@ -247,13 +249,50 @@ def test_counterfactual_copies_stay_beside_their_example(tiny_domain) -> None:
     template = ChatTemplate(tokenizer=CharTokenizer(), reply_opening="", end_of_turn="<end>", stop_ids=frozenset(),
                             message_overhead=len("<user>"))
     plain = build_dataset(template, domain, examples, store, 4096)
-    assert [len(group) for group in plain] == [1] * len(examples)
+    assert [len(group) for group in plain.groups] == [1] * len(examples) and plain.counterfactual_copies == 0
     doubled = build_dataset(template, domain, examples, store, 4096, counterfactual=1.0)
     # the eight "4.5 percent" answers and the follow-up's "3 dollars"; the abstention has no passage figure
-    assert [len(group) for group in doubled] == [2] * 8 + [1, 2]
-    original, copy = ("".join(map(chr, ids)) for ids, _ in doubled[0])
+    assert [len(group) for group in doubled.groups] == [2] * 8 + [1, 2] and doubled.counterfactual_copies == 9
+    original, copy = ("".join(map(chr, ids)) for ids, _ in doubled.groups[0])
     assert "4.5 percent" in original and "4.5 percent" not in copy and "Zorblax account pays" in copy
     assert build_dataset(template, domain, examples, store, 4096, counterfactual=1.0) == doubled, "seeded"
+
+
+def test_served_format_copies_open_with_the_evidence_and_teach_only_what_follows(tiny_domain) -> None:
+    """A served-format copy is the prompt the model is served (passages cut to the quoted evidence,
+    the reply opening with it) with the loss on the first answer sentence that adds to the opening
+    and is backed by a passage, then the end of the turn; an answer the opening already says whole
+    teaches the reply to end there."""
+    from domainchat.chat_template import ChatTemplate
+    from domainchat.grounding import adds_to
+    from domainchat.train import IGNORE, Example, _cited, _retrieve_with_source, build_dataset, served_example
+
+    domain, store = tiny_domain
+    item = Example(kind="grounded", question="What interest does a Zorblax account pay?", source="zorblax.md",
+                   answer=("A Zorblax account pays 4.5 percent a year [cite]. There is no monthly fee on a Zorblax "
+                           "account, so small balances are fine [cite]. Ask the bank about your own case."), line=1)
+    passages, source = _retrieve_with_source(store, domain, item)
+    start, reads, adds = served_example(item, passages, _cited(item.answer, source), domain, None)
+    assert start.startswith("A Zorblax account pays 4.5 percent interest a year") and start.endswith("\n")
+    assert adds == f"There is no monthly fee on a Zorblax account, so small balances are fine [{source + 1}]."
+    assert adds_to(start, adds) and [p.id for p in reads] == [p.id for p in passages]
+    restated = dataclasses.replace(item, answer="A Zorblax account pays 4.5 percent a year [cite].")
+    assert served_example(restated, passages, _cited(restated.answer, source), domain, None)[2] == ""
+
+    examples = load_examples(domain.folder / "train.jsonl")
+    template = ChatTemplate(tokenizer=CharTokenizer(), reply_opening="", end_of_turn="<end>", stop_ids=frozenset(),
+                            message_overhead=len("<user>"))
+    served = build_dataset(template, domain, examples, store, 4096, served_format=1.0)
+    # every example with a source gains a copy; the abstention has none
+    assert [len(group) for group in served.groups] == [2] * 8 + [1, 2] and served.served_copies == 9
+    assert served.counterfactual_copies == 0
+    ids, labels = served.groups[0][1]
+    taught = "".join(chr(i) for i, label in zip(ids, labels, strict=True) if label != IGNORE)
+    prompt = "".join(chr(i) for i, label in zip(ids, labels, strict=True) if label == IGNORE)
+    assert taught == "<end>", "the example's answer restates the quoted evidence: the reply ends after it"
+    assert prompt.endswith("A Zorblax account pays 4.5 percent interest a year and has no monthly fee [1]. Withdrawals "
+                           "from a Zorblax account are free twice a month; later ones cost 3 dollars [2].\n")
+    assert build_dataset(template, domain, examples, store, 4096, served_format=1.0) == served, "seeded"
 
 
 def zorblax_ids(store) -> list[str]:
