@@ -5,12 +5,13 @@ as inference renders it (`prompts.render` with whole passages retrieved by the s
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
 passage's number; a served answer then opens with quoted evidence and the model reads only that,
 grounding.prompt_passages), counterfactual copies of examples (the figures an answer reads from
-its source passage changed in both, as retrieval-augmented fine-tuning does), the loss on
-assistant tokens only (the answer and the end-of-turn text the base model's chat template closes a reply with, from
-chat_template.py), and the adapter folder it writes: 16-bit weights, adapter_config.json, a
-training card and a loss curve. With feedback, the liked and corrected answers people gave
-(`feedback.py` says which) join the data, rendered with the passages those answers had. It knows
-nothing about serving.
+its source passage changed in both, as retrieval-augmented fine-tuning does), served-format copies
+(the reply opening with the quoted evidence as served, the loss on what the answer adds after
+it), the loss on assistant tokens only (the answer and the end-of-turn text the base model's chat
+template closes a reply with, from chat_template.py), and the adapter folder it writes: 16-bit
+weights, adapter_config.json, a training card and a loss curve. With feedback, the liked and
+corrected answers people gave (`feedback.py` says which) join the data, rendered with the passages
+those answers had. It knows nothing about serving.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MIN_EXAMPLES = 8
 CARD = "training_card.json"
 CHECKPOINT = "checkpoint.pt"
 IGNORE = -100
+Row = tuple[list[int], list[int]]  # input ids, labels
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def served_example(example: Example, passages: list[Passage], answer: str, domai
 
 
 def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, passages: list[Passage] | None,
-                     answer: str, max_length: int, reply_start: str = "") -> tuple[list[int], list[int]] | None:
+                     answer: str, max_length: int, reply_start: str = "") -> Row | None:
     """(input ids, labels) with the loss on the answer only; None when no answer token fits. With
     `reply_start`, the reply opens with it as served (tokenized apart from the prompt, as the engine
     does) and the loss is on `answer`, its continuation, and the end of the turn."""
@@ -244,9 +246,6 @@ def tokenize_example(template: ChatTemplate, domain: Domain, example: Example, p
     if all(label == IGNORE for label in labels):
         return None
     return ids, labels
-
-
-Row = tuple[list[int], list[int]]  # input ids, labels
 
 
 @dataclass(frozen=True)
