@@ -314,8 +314,8 @@ class Assistant:
                ) -> tuple[str, GenerationParams, list[Passage] | None]:
         """(the text the answer opens with, the parameters with the number guard's allowed list, the
         passages the model reads): the levers that keep an answer to its passages. Nothing changes
-        without passages. The model reads the passages cut down to the quoted evidence when
-        `settings.prompt_passages` says so and there is an opening."""
+        without passages. With an opening, the model reads what `settings.prompt_passages` says:
+        by default only the passages' titles, the quoted evidence being in the opening it continues."""
         if not passages:
             return "", params, passages
         embed = self._embed_sentences if getattr(self.knowledge, "embeddings", None) is not None else None
@@ -339,7 +339,7 @@ class Assistant:
         reply_start, params, model_reads = self._ground(
             question, history, rendered.passages if passages is not None else None, params, settings)
         messages, tokens = rendered.messages, rendered.tokens
-        if model_reads is not None and model_reads is not rendered.passages:  # cut down to the evidence
+        if model_reads is not None and model_reads is not rendered.passages:  # titles or evidence only
             cut = self.render(domain, question, history, model_reads, use_few_shot, params.max_new_tokens)
             messages, tokens = cut.messages, cut.tokens
         fixed = 1 + (2 * len(domain.few_shot) if use_few_shot else 0)  # the same for every question

@@ -66,7 +66,7 @@ class RetrievalSettings:
 # "sentence" (its first sentence, shown only when a passage backs it and it adds to the opening:
 # grounding.adds_to) or "none" (the opening alone).
 CONTINUATIONS = ("free", "sentence", "none")
-PROMPT_PASSAGES = ("whole", "evidence")
+PROMPT_PASSAGES = ("whole", "evidence", "titles")
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,16 @@ class GroundingSettings:
     # sentence only when the passages back it. Measured on every eval question: the model's free
     # continuation added at most 0.02 key-fact recall, and 47-71 % of its sentences were backed by no passage.
     continuation: str = "sentence"
-    # What the model reads of the passages when the answer opens with evidence: only the "evidence"
-    # sentences the opening quotes (each under its passage's [n]), or the "whole" passages. Measured
-    # on every eval question (adapter+rag against adapter+rag-whole-passages): the same key facts in
-    # three domains, finance one fewer (0.817 -> 0.807); the model's sentence shown in 43 of 568
-    # answers instead of 57, 5 of the 24 on the domains' own questions unsound instead of 10 of 32
-    # (read one by one); the RAG prompt the model reads before its first token halved (docs/eval).
-    prompt_passages: str = "evidence"
+    # What the model reads of the passages when the answer opens with evidence: each passage's
+    # "titles" under its [n], the quoted evidence read once, in the opening it continues; the
+    # "evidence" sentences the opening quotes, each under its passage's [n], as well; or the "whole"
+    # passages. Measured on every eval question: the same key facts with each (but finance's one
+    # fewer with less than whole passages). The model's sentence shown in 57 of 377 answers (whole),
+    # 43 (evidence), 9 (titles): with titles 4 legal referrals and 5 empty offers of help ("I can
+    # help with that too."), no wrong facts; with evidence 2 wrong ("... send more than 29% to that
+    # debt"). The model's prompt 955 / 550 / 394 tokens; its first token, the last of three RAG
+    # questions arriving together, 3.3 s with evidence, 2.2 s with titles (docs/eval, docs/bench.md).
+    prompt_passages: str = "titles"
 
 
 # The defaults a domain.yaml may leave out (each written once: in its dataclass).

@@ -56,6 +56,7 @@ CONFIGS: dict[str, tuple[bool, bool, bool | None, dict[str, Any]]] = {
     "adapter+rag-evidence": (True, True, None, {"continuation": "none"}),
     "adapter+rag": (True, True, None, {}),
     "adapter+rag-whole-passages": (True, True, None, {"prompt_passages": "whole"}),
+    "adapter+rag-evidence-prompt": (True, True, None, {"prompt_passages": "evidence"}),
 }
 # Greedy, so runs compare; 128 tokens (~95 words) keeps a full eval of every answerable question
 # within reach of 2 CPU cores, and answers are meant to stay under ~120 words anyway.

@@ -389,13 +389,20 @@ def opening(evidence: Sequence[Evidence]) -> str:
 def served_start(question: str, passages: list[Passage], embed: Embed | None, sentences: int,
                  prompt_passages: str) -> tuple[str, list[Passage]]:
     """(the answer's opening, the passages the model reads before continuing it): up to `sentences`
-    evidence sentences quoted with their [n], and `passages` cut down to them when `prompt_passages`
-    is "evidence" (the same list object otherwise). Serving and training's served-format examples
-    both build it here, so that an adapter learns on what it is served."""
+    evidence sentences quoted with their [n]; `passages` with their text left out when
+    `prompt_passages` is "titles" (the model reads the quoted evidence once, in the opening it
+    continues), cut down to the quoted sentences when "evidence", the same list object when "whole"
+    or nothing is quoted. Serving and training's served-format examples both build it here, so that
+    an adapter learns on what it is served."""
     if not sentences or not passages:
         return "", passages
     evidence = select_evidence(question, passages, embed, sentences)
-    reads = evidence_passages(passages, evidence) if evidence and prompt_passages == "evidence" else passages
+    if not evidence or prompt_passages == "whole":
+        reads = passages
+    elif prompt_passages == "titles":
+        reads = [dataclasses.replace(p, text="") for p in passages]
+    else:
+        reads = evidence_passages(passages, evidence)
     return opening(evidence), reads
 
 

@@ -2,12 +2,13 @@
 
 `render()` is the single place a prompt is built, used by inference AND by training, so an adapter
 is trained on the prompt format it will see (served answers open with quoted evidence, and the
-model then reads the passages cut down to it, grounding.prompt_passages; training renders whole
-passages and whole answers). Passages are numbered [1]..[k] as the answer cites
-them, and every passage line is quoted ("| ") so that a document can never pose as instructions.
-When the prompt would not fit the token budget, the oldest history turns go first, then the
-lowest-ranked passages. This module knows nothing about models (it is given a token counter and
-what the model's chat template adds around each message) or about how passages were found.
+model then reads only the passages' titles, or the passages cut down to that evidence,
+grounding.prompt_passages; training renders whole passages and whole answers). Passages are
+numbered [1]..[k] as the answer cites them, and every passage line is quoted ("| ") so that a
+document can never pose as instructions. When the prompt would not fit the token budget, the
+oldest history turns go first, then the lowest-ranked passages. This module knows nothing about
+models (it is given a token counter and what the model's chat template adds around each message)
+or about how passages were found.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def test_grounded_answer_events(assistant: Assistant) -> None:
     assert done.timing["tokens"] == 14, "speed counts generated tokens (one past the sentence), not the opening"
     assert events[-2].kind == "disclaimer"
     messages, adapter = assistant.engine.calls[0]
-    assert adapter == "finance" and "$7,000" in messages[-1]["content"] and "[1]" in messages[-1]["content"]
+    assert adapter == "finance" and "[1] IRAs (ira.md)" in messages[-1]["content"], (
+        "the model reads the passages' titles; the figures it reads in the opening it continues")
 
 
 def test_abstains_when_nothing_clears_the_threshold(assistant: Assistant) -> None:
@@ -334,16 +335,21 @@ def test_an_opening_that_repeats_the_system_prompt_is_withheld_whatever_the_cont
         assert events[-1].answer == WITHHELD_ANSWER, continuation
 
 
-def test_the_model_reads_only_the_quoted_evidence_unless_told_otherwise(assistant: Assistant) -> None:
+def test_the_model_reads_the_quoted_evidence_once_unless_told_otherwise(assistant: Assistant) -> None:
     question = "What is the Roth IRA limit?"
     whole = run(assistant, "finance", question, grounding_settings=GroundingSettings(prompt_passages="whole"))
-    cut = run(assistant, "finance", question)  # as served
-    (whole_prompt, _), (cut_prompt, _) = assistant.engine.calls
-    assert whole_prompt[-1]["content"] != cut_prompt[-1]["content"]
-    assert "| A Roth IRA holds after-tax money; the 2025 limit is $7,000." in cut_prompt[-1]["content"]
+    cut = run(assistant, "finance", question, grounding_settings=GroundingSettings(prompt_passages="evidence"))
+    titles = run(assistant, "finance", question)  # as served
+    (whole_prompt, _), (cut_prompt, _), (titles_prompt, _) = assistant.engine.calls
+    sentence = "| A Roth IRA holds after-tax money; the 2025 limit is $7,000."
+    assert sentence in cut_prompt[-1]["content"] and sentence not in titles_prompt[-1]["content"]
+    assert "A Roth IRA holds after-tax money; the 2025 limit is $7,000" in titles[-1].answer, "the opening quotes it"
+    assert "[1] " in titles_prompt[-1]["content"] and question in titles_prompt[-1]["content"]
+    assert "|" not in titles_prompt[-1]["content"], "no passage line: the opening the model continues quotes them"
     heading = "| IRAs > Roth IRA"
     assert heading in whole_prompt[-1]["content"] and heading not in cut_prompt[-1]["content"], (
         "the passage's heading line is not quoted evidence")
-    assert cut[-1].prompt_tokens < whole[-1].prompt_tokens
-    assert cut[0].passages == whole[0].passages, "the sources panel still shows whole passages"
-    assert cut[-1].answer == whole[-1].answer, "the opening and the check of the model's sentence are unchanged"
+    assert titles[-1].prompt_tokens < cut[-1].prompt_tokens < whole[-1].prompt_tokens
+    assert cut[0].passages == whole[0].passages == titles[0].passages, "the sources panel still shows whole passages"
+    assert cut[-1].answer == whole[-1].answer == titles[-1].answer, (
+        "the opening and the check of the model's sentence are unchanged")

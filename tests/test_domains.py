@@ -159,8 +159,10 @@ def test_grounding_settings_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"domain.yaml: key 'grounding.continuation' is 'all'; use one of free, "
                                           r"sentence, none"):
         load_domain(write_domain(tmp_path / "v", "demo", grounding={"continuation": "all"}))
-    assert load_domain(write_domain(tmp_path / "s", "demo")).grounding.prompt_passages == "evidence"
-    assert load_domain(write_domain(tmp_path / "u", "demo", grounding={"prompt_passages": "whole"})
-                       ).grounding.prompt_passages == "whole"
-    with pytest.raises(ConfigError, match=r"key 'grounding.prompt_passages' is 'some'; use one of whole, evidence"):
+    assert load_domain(write_domain(tmp_path / "s", "demo")).grounding.prompt_passages == "titles"
+    for reads in ("whole", "evidence"):
+        assert load_domain(write_domain(tmp_path / reads, "demo", grounding={"prompt_passages": reads})
+                           ).grounding.prompt_passages == reads
+    with pytest.raises(ConfigError,
+                       match=r"key 'grounding.prompt_passages' is 'some'; use one of whole, evidence, titles"):
         load_domain(write_domain(tmp_path / "t", "demo", grounding={"prompt_passages": "some"}))

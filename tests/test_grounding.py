@@ -13,6 +13,7 @@ from domainchat.grounding import (
     repeats_layout,
     select_evidence,
     sentences_of_answer,
+    served_start,
     unsupported_numbers,
 )
 from domainchat.knowledge import Passage
@@ -244,3 +245,16 @@ def test_the_model_can_read_the_passages_cut_down_to_the_quoted_evidence() -> No
     assert "Mountain" not in "".join(p.text for p in cut) and SHIPPING.text.endswith("$7.45."), "originals kept"
     items = [e for e in select_evidence("What does the restocking fee cover?", [RETURNS], count=3) if e.lead_in]
     assert evidence_passages([RETURNS], items)[0].text == "It covers:\n- Cleaning and a pressure test by a technician."
+
+
+def test_the_served_start_says_what_the_model_reads_after_the_opening() -> None:
+    question, passages = "Is there a restocking fee on a stove?", [SHIPPING, RETURNS]
+    opened, titles = served_start(question, passages, None, 2, "titles")
+    assert opened == opening(select_evidence(question, passages, count=2))
+    assert [(p.id, p.title, p.text) for p in titles] == [(p.id, p.title, "") for p in passages], (
+        "each passage keeps its [n] and title; the quoted evidence is read once, in the opening")
+    assert served_start(question, passages, None, 2, "evidence")[1] == evidence_passages(
+        passages, select_evidence(question, passages, count=2))
+    assert served_start(question, passages, None, 2, "whole")[1] is passages
+    assert served_start(question, passages, None, 0, "titles") == ("", passages), "no opening: whole passages"
+
