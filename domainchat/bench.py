@@ -31,6 +31,7 @@ BENCH_TARGETS = {
     "http_stall_max_gap_s_3_rag_arrivals": ("<=", 0.5),
     "http_ttft_last_of_3_rag_arrivals_s": ("<=", 2.5),
     "http_concurrency_speedup_4_sessions": (">=", 1.8),
+    "http_concurrency_speedup_4_sessions_160_tokens": (">=", 2.5),
     "decode_speedup_vs_naive": (">=", 1.5),
     "concurrency_speedup_4_sessions": (">=", 2.0),
     "retrieval_p50_ms_10k": ("<=", 30.0),

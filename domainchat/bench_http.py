@@ -3,8 +3,9 @@
 Owns the client-side measurements: it starts `domainchat serve` on a free loopback port (or is
 given the /v1 URL of a running server) and measures with the official `openai` client, streaming:
 time to the first text of a RAG question (the whole pipeline: retrieval, evidence, model), decode
-speed of one stream, four streams in four domains against one, and how long a running stream pauses
-while three RAG questions from other people arrive, with the last newcomer's time to its first text.
+speed of one stream, four streams in four domains against one (64- and 160-token answers), and
+how long a running stream pauses while three RAG questions from other people arrive, with the
+last newcomer's time to its first text.
 A "token" here is one streamed chunk, which is one token piece, as the client counts them.
 
 It knows the HTTP contract only (model names, `<domain>:raw`); bench.py measures the engine from
@@ -29,6 +30,9 @@ from domainchat.errors import BadInput, ModelUnavailable
 
 STARTUP_TIMEOUT_S = 300.0
 STORY = "Write a long story about a lighthouse keeper."
+# Four sessions against one, for short and for long answers: the longer the answer, the more of
+# its time is decode, which four sessions share; prefill and the first token they do not.
+SHORT_ANSWER, LONG_ANSWER = 64, 160
 
 
 def _client(base_url: str):
@@ -98,23 +102,34 @@ def measure(base_url: str, domains: Sequence[str], questions: Sequence[str], run
     report["http_decode_tokens_per_s"] = round(statistics.median(rates), 2)
 
     progress("http: four sessions")
-    single, four = [], []
-    for _ in range(runs):  # one session, then four at once, side by side in each run
-        started = time.perf_counter()
-        single.append(_stream(client, raw[0], STORY, 64)[2] / (time.perf_counter() - started))
-        started = time.perf_counter()
-        models = [raw[i % len(raw)] for i in range(4)]  # four domains where four are trained
-        counts = _together([lambda m=m: _stream(client, m, STORY, 64)[2] for m in models])
-        four.append(sum(counts) / (time.perf_counter() - started))  # type: ignore[arg-type]
+    single, four = _sessions(client, raw, SHORT_ANSWER, runs)
     report["http_one_session_tokens_per_s"] = round(statistics.median(single), 2)
     report["http_four_sessions_aggregate_tokens_per_s"] = round(statistics.median(four), 2)
     report["http_concurrency_speedup_4_sessions"] = round(statistics.median(four) / statistics.median(single), 2)
+    progress("http: four sessions, long answers")
+    single, four = _sessions(client, raw, LONG_ANSWER, runs)
+    report[f"http_concurrency_speedup_4_sessions_{LONG_ANSWER}_tokens"] = round(
+        statistics.median(four) / statistics.median(single), 2)
 
     progress("http: arrivals")
     arrivals = [_arrivals(client, raw[0], domains[0], questions[:3]) for _ in range(runs)]
     report["http_stall_max_gap_s_3_rag_arrivals"] = round(statistics.median(a[0] for a in arrivals), 3)
     report["http_ttft_last_of_3_rag_arrivals_s"] = round(statistics.median(a[1] for a in arrivals), 3)
     return report
+
+
+def _sessions(client, raw: Sequence[str], tokens: int, runs: int) -> tuple[list[float], list[float]]:
+    """(one session's tokens/s, four sessions' aggregate tokens/s) per run, end to end as the client
+    counts them: one stream of `tokens`, then four at once in four domains, side by side in each run."""
+    single, four = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        single.append(_stream(client, raw[0], STORY, tokens)[2] / (time.perf_counter() - started))
+        started = time.perf_counter()
+        models = [raw[i % len(raw)] for i in range(4)]  # four domains where four are trained
+        counts = _together([lambda m=m: _stream(client, m, STORY, tokens)[2] for m in models])
+        four.append(sum(counts) / (time.perf_counter() - started))  # type: ignore[arg-type]
+    return single, four
 
 
 def _arrivals(client, running_model: str, domain: str, questions: Sequence[str]) -> tuple[float, float]:

@@ -64,9 +64,11 @@ def test_http_bench_measures_a_live_server_with_the_openai_client(api_url: str) 
                      runs=1)
     assert set(report) == {"http_ttft_rag_s", "http_decode_tokens_per_s", "http_one_session_tokens_per_s",
                            "http_four_sessions_aggregate_tokens_per_s", "http_concurrency_speedup_4_sessions",
+                           "http_concurrency_speedup_4_sessions_160_tokens",
                            "http_stall_max_gap_s_3_rag_arrivals", "http_ttft_last_of_3_rag_arrivals_s"}
     assert 0 < report["http_ttft_rag_s"] <= report["http_ttft_last_of_3_rag_arrivals_s"] + 5
     assert report["http_decode_tokens_per_s"] > 1 and report["http_concurrency_speedup_4_sessions"] > 0.5
+    assert report["http_concurrency_speedup_4_sessions_160_tokens"] > 0.5
     assert report["http_stall_max_gap_s_3_rag_arrivals"] > 0  # the story was still streaming when they came
 
 
