@@ -3,8 +3,8 @@
 Owns the training data format (`domains/<id>/train.jsonl`), turning each example into a prompt
 as inference renders it (`prompts.render` with whole passages retrieved by the same knowledge store,
 the example's source passage guaranteed among them and its `[cite]` placeholder replaced by that
-passage's number; a served answer then opens with quoted evidence and the model reads only that,
-grounding.prompt_passages), counterfactual copies of examples (the figures an answer reads from
+passage's number; a served answer then opens with quoted evidence and the model reads the passages
+as grounding.prompt_passages says), counterfactual copies of examples (the figures an answer reads from
 its source passage changed in both, as retrieval-augmented fine-tuning does), served-format copies
 (the reply opening with the quoted evidence as served, the loss on what the answer adds after
 it), the loss on assistant tokens only (the answer and the end-of-turn text the base model's chat
@@ -66,9 +66,9 @@ class TrainingConfig:
     # The share of examples (of those whose answer states a number of its source passage) added again
     # with those numbers changed: see counterfactual_example.
     counterfactual: float = 0.0
-    # The share of grounded examples added again in the served format: the passages cut down to the
-    # quoted evidence, the reply opening with it, and the loss only on what the example's answer adds
-    # after it (see served_example).
+    # The share of grounded examples added again in the served format: the passages as the model
+    # reads them when served (the domain's grounding.prompt_passages), the reply opening with the
+    # quoted evidence, and the loss only on what the example's answer adds after it (served_example).
     served_format: float = 0.0
 
     @classmethod
