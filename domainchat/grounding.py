@@ -53,6 +53,12 @@ NUMBER_BONUS = 0.1
 # quoted sentences say five things. With five sentences, on every answerable eval question: key
 # facts 0.694-0.870 without it, 0.713-0.878 with 0.15; 0.3 and 0.45 lost 0.01-0.10.
 DIVERSITY = 0.15
+# A list quoted in part reads as the whole list: "Warranty lengths: thermostats: 2 years; cameras:
+# 1 year" hides the light strips' 3 years from "Which products have the longest warranty?". Once
+# this many items of one list are quoted, its other items follow, within the word budget. On every
+# answerable eval question it added 1-6 words on average and key facts in every domain: customer
+# service 0.694 -> 0.731, finance 0.807 -> 0.837, legal 0.785 -> 0.792, medical 0.86 -> 0.889.
+COMPLETE_LIST_ITEMS = 2
 # The quoted sentences stop before their words pass this (the first is always quoted; a list's
 # lead-in counts once, with its first quoted item). Uncounted lead-ins let openings reach 143-152
 # words; counted, the longest are 123-125 (with their [n]) and every answerable eval question keeps
@@ -284,7 +290,8 @@ def select_evidence(
     max_words: int = MAX_EVIDENCE_WORDS,
 ) -> list[Evidence]:
     """Up to `count` sentences of `passages` that best answer `question`, best first, each new one
-    chosen for what it adds to those before it (DIVERSITY), their words within `max_words`.
+    chosen for what it adds to those before it (DIVERSITY), their words within `max_words`; then
+    the other items of a list that COMPLETE_LIST_ITEMS of them were chosen from, within the words.
 
     A sentence's score is its share of the question's content words, each weighted by its rarity
     among all candidate sentences (idf), with the words of the passage heading and of a list item's
@@ -348,6 +355,18 @@ def select_evidence(
         if sentence_vectors:
             for i in remaining:
                 redundancy[i] = max(redundancy[i], _dot(sentence_vectors[i], sentence_vectors[best]))
+    quoted_lists = [(scored[i].number, scored[i].lead_in) for i in chosen if scored[i].lead_in]
+    for key in dict.fromkeys(quoted_lists):
+        if quoted_lists.count(key) < COMPLETE_LIST_ITEMS:
+            continue
+        for i in range(total):
+            if i in chosen or (scored[i].number, scored[i].lead_in) != key:
+                continue
+            length = len(scored[i].text.split())
+            if used + length > max_words:
+                break
+            chosen.append(i)
+            used += length
     return [scored[i] for i in chosen]
 
 

@@ -131,6 +131,25 @@ def test_a_lists_lead_in_counts_against_the_word_budget_once() -> None:
     assert len(opening(chosen).split()) <= 26 + 2  # + the [n] marker
 
 
+def test_a_list_quoted_in_part_is_quoted_whole() -> None:
+    passage = Passage(id="warranty.md:0:a", source="warranty.md", title="Warranty", score=0.8, text=(
+        "Warranty > Length by product\nWarranty lengths:\n- Thermostats and plugs: 2 years.\n"
+        "- Cameras and doorbells: 1 year.\n- Bulbs and light strips: 3 years.\n\n"
+        "Registering a product is optional.\nSee a technician if:\n- the plug smells of burning\n"
+        "- the case is cracked"))
+    # Two items of the warranty list answer best; the third, which the question needs, follows them.
+    chosen = select_evidence("How long is the warranty on thermostats and cameras?", [passage], count=2)
+    assert [e.text for e in chosen][:2] == ["Thermostats and plugs: 2 years.", "Cameras and doorbells: 1 year."]
+    assert opening(chosen) == ("Warranty lengths: Thermostats and plugs: 2 years; Cameras and doorbells: 1 year; "
+                               "Bulbs and light strips: 3 years [1].\n")
+    # One item quoted is an answer in itself: its list is not added.
+    assert [e.text for e in select_evidence("Is a cracked case a reason to see a technician?", [passage],
+                                            count=1)] == ["the case is cracked"]
+    # The rest of a list stays within the word budget.
+    assert len(select_evidence("How long is the warranty on thermostats and cameras?", [passage], count=2,
+                               max_words=15)) == 2
+
+
 def test_the_models_sentence_is_added_only_when_it_says_something_new_and_fits() -> None:
     from domainchat import grounding
     from domainchat.grounding import adds_to
