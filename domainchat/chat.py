@@ -447,17 +447,15 @@ class Assistant:
             if close is not None:
                 close()  # closing the engine's stream stops its generation
         if continuation != "free":
-            # Held back until whole, then shown only when it adds to the opening and a passage backs
-            # it: most of what the model adds after the quoted evidence restates it or is backed by
-            # none (see GroundingSettings.continuation).
+            # Held back until whole, then shown only when worth showing (it adds to the opening, a
+            # passage backs it, it is more than an offer of help): most of what the model adds after
+            # the quoted evidence restates it or is backed by none (see GroundingSettings.continuation).
             sentence = grounding.first_sentence(written, final=True) if continuation == "sentence" else ""
             if safety.repeats_system_prompt(reply_start, domain.system_prompt):
                 withheld = True
             # A sentence that repeats the instructions is left out like an unbacked one: the quoted
             # passages before it leak nothing, and the reader still gets them.
-            elif (sentence and grounding.adds_to(reply_start, sentence)
-                  and grounding.backed_by(given.passages, sentence)
-                  and not grounding.repeats_layout(sentence, given.passages)
+            elif (sentence and grounding.worth_showing(reply_start, sentence, given.passages)
                   and not safety.repeats_system_prompt(reply_start + sentence, domain.system_prompt)):
                 pieces.append(sentence)
                 yield Token(sentence)

@@ -63,8 +63,8 @@ class RetrievalSettings:
 
 
 # What the model may add after the evidence opening: "free" (until it stops or runs out of tokens),
-# "sentence" (its first sentence, shown only when a passage backs it and it adds to the opening:
-# grounding.adds_to) or "none" (the opening alone).
+# "sentence" (its first sentence, shown only when grounding.worth_showing: it adds to the opening, a
+# passage backs it, it is not an empty offer of help) or "none" (the opening alone).
 CONTINUATIONS = ("free", "sentence", "none")
 PROMPT_PASSAGES = ("whole", "evidence", "titles")
 

@@ -75,6 +75,8 @@ NEAR_DUPLICATE = 0.7  # share of a sentence's content words already in a chosen 
 # its content words (the eval's citation precision, and the check on a continuation sentence).
 BACKING_WORD_SHARE = 0.5
 QUOTED_SHARE = 0.8  # a passage sentence whose content words are this much in an answer sentence is quoted there
+_OFFERS_HELP = re.compile(r"^\W*I(?:'d| would| can| could| will|'ll|'m| am)?\s+(?:be\s+(?:happy|glad)\s+to\s+|also\s+)?"
+                          r"(?:help|assist)\b", re.IGNORECASE)
 _SENTENCE_CLOSE = (".", "!", "?", ")", "]", '"', "”")
 # 'Our policy: "Returns are inspected within 3 business days."': the quoted words are the claim; the
 # lead-in is quoted as evidence only because it shares the sentence (and the sentence split takes
@@ -233,6 +235,23 @@ def repeats_layout(sentence: str, passages: Sequence[Passage]) -> bool:
         if " > " in claim and " > " in first and claim.rsplit(" > ", 1)[1].strip() == first.rsplit(" > ", 1)[1].strip():
             return True
     return False
+
+
+def offers_help(sentence: str) -> bool:
+    """Whether `sentence` is the assistant offering help ("I can help with that too.", "I'd be happy
+    to help you find …"): it states nothing the reader can use, and the word "help" in a passage lets
+    it pass the backing check. In the eval all five such model sentences after the quoted evidence
+    said nothing, and one was untrue ("… like I did before"). An offer of a next step ("I can
+    connect you with a human agent"), which customer service's voice asks for, is not one."""
+    return bool(_OFFERS_HELP.match(CITATION.sub(" ", sentence)))
+
+
+def worth_showing(opening_text: str, sentence: str, passages: Sequence[Passage]) -> bool:
+    """Whether the model's `sentence` is shown after the quoted evidence `opening_text`: it adds to
+    the opening, a passage backs it, and it neither repeats how the passages are labelled nor only
+    offers help. Serving applies it, and training teaches only sentences that pass it."""
+    return (adds_to(opening_text, sentence) and backed_by(passages, sentence)
+            and not repeats_layout(sentence, passages) and not offers_help(sentence))
 
 
 def cited_spans(answer: str, passages: Sequence[Passage]) -> dict[int, list[str]]:

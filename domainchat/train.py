@@ -210,16 +210,16 @@ def served_example(example: Example, passages: list[Passage], answer: str, domai
                    embed: grounding.Embed | None) -> tuple[str, list[Passage], str] | None:
     """The example as it is served: (the opening quoting the evidence sentences, the passages the
     model reads after it, what the model should add). What it adds is the first sentence of the
-    example's answer that says something the opening does not and that a passage backs, the two
-    checks serving applies before showing the model's sentence; "" (the reply ends there) when the
-    opening already says all of it. None when no evidence sentence is chosen."""
+    example's answer that serving would show (grounding.worth_showing: it says something the
+    opening does not, a passage backs it, …); "" (the reply ends there) when there is none. None
+    when no evidence sentence is chosen."""
     settings = domain.grounding
     start, reads = grounding.served_start(example.question, passages, embed, settings.evidence_sentences,
                                           settings.prompt_passages)
     if not start:
         return None
     adds = (s for s in grounding.sentences_of_answer(answer)
-            if grounding.adds_to(start, s) and grounding.backed_by(passages, s))
+            if grounding.worth_showing(start, s, passages))
     return start, reads, next(adds, "")
 
 

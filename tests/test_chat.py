@@ -303,6 +303,13 @@ def test_a_continuation_that_names_its_source_file_is_left_out(assistant: Assist
     assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
 
 
+def test_a_continuation_that_only_offers_help_is_left_out(assistant: Assistant) -> None:
+    # Backed by the passage and new to the opening, but it offers help rather than saying anything.
+    assistant.engine.reply = ["I can help savers put after-tax money ", "in a Roth IRA every year [1]. ", "More."]
+    events = run(assistant, "finance", "What is the Roth IRA limit?")
+    assert events[-1].answer == "A Roth IRA holds after-tax money; the 2025 limit is $7,000 [1]."
+
+
 def test_a_fragment_cut_off_by_the_token_limit_is_not_shown(assistant: Assistant) -> None:
     assistant.engine.reply = ["The 2025 limit ", "applies to"]  # the model ran out of tokens mid-sentence
     events = run(assistant, "finance", "What is the Roth IRA limit?")

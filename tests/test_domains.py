@@ -38,6 +38,13 @@ def test_shipped_risk_rules_do_not_fire_on_examples(domains_dir: Path) -> None:
             assert not [r.id for r in domain.risk_rules if r.matches(question)], (domain.id, question)
 
 
+def test_medical_answers_are_the_quoted_passages_alone(domains_dir: Path) -> None:
+    # A model sentence after medical evidence was empty, garbled or against its passage (docs/eval).
+    registry = load_registry(domains_dir)
+    assert registry.get("medical").grounding.continuation == "none"
+    assert {registry.get(d).grounding.continuation for d in SHIPPED if d != "medical"} == {"sentence"}
+
+
 def test_medical_emergency_stops(domains_dir: Path) -> None:
     medical = load_registry(domains_dir).get("medical")
     for question in ("I have crushing chest pain right now", "my face is drooping and my speech is slurred",

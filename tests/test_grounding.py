@@ -162,6 +162,21 @@ def test_the_models_sentence_is_added_only_when_it_says_something_new_and_fits()
     assert not adds_to(long_start, "Keep the original box so the return can be inspected quickly [1].")
 
 
+def test_an_offer_of_help_is_not_worth_showing_but_an_offer_of_a_next_step_is() -> None:
+    from domainchat.grounding import backed_by, offers_help, worth_showing
+
+    desk = Passage(id="help.md:0:a", source="help.md", title="Help", score=0.8, text=(
+        "Our agents help you find shipping options. Type agent in live chat to connect with a human agent."))
+    start = "Orders of $75 ship free [1].\n"
+    offer = "I can help you find shipping options."
+    assert backed_by([desk], offer), "the passage has the words; the offer still says nothing"
+    assert not worth_showing(start, offer, [desk])
+    assert worth_showing(start, "I can connect you with a human agent in live chat.", [desk])
+    assert not worth_showing(start, "Our stores open at noon on Mondays.", [desk])  # backed by no passage
+    assert offers_help("I'd be happy to help with that too.") and offers_help("I can also assist you [1].")
+    assert not offers_help("A lawyer can help with your claim [1].") and not offers_help("It helps to keep the box.")
+
+
 def test_opening_cites_each_sentence_before_its_full_stop() -> None:
     from domainchat.grounding import Evidence
 
