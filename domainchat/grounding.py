@@ -55,9 +55,11 @@ NUMBER_BONUS = 0.1
 DIVERSITY = 0.15
 # A list quoted in part reads as the whole list: "Warranty lengths: thermostats: 2 years; cameras:
 # 1 year" hides the light strips' 3 years from "Which products have the longest warranty?". Once
-# this many items of one list are quoted, its other items follow, within the word budget. On every
-# answerable eval question it added 1-6 words on average and key facts in every domain: customer
-# service 0.694 -> 0.731, finance 0.807 -> 0.837, legal 0.785 -> 0.792, medical 0.86 -> 0.889.
+# this many items of one list (a run of bullet lines, after a lead-in or a heading) are quoted, its
+# other items follow, within the word budget. On every answerable eval question it added 2-9
+# words on average and key facts in every domain: customer service 0.694 -> 0.741, finance
+# 0.807 -> 0.837, legal 0.785 -> 0.792, medical 0.86 -> 0.907 (lists after a lead-in alone: 0.731,
+# 0.837, 0.792, 0.889).
 COMPLETE_LIST_ITEMS = 2
 # The quoted sentences stop before their words pass this (the first is always quoted; a list's
 # lead-in counts once, with its first quoted item). Uncounted lead-ins let openings reach 143-152
@@ -91,6 +93,7 @@ class Evidence:
     score: float
     lead_in: str = ""  # the lead-in of the list this sentence is an item of ("Contact a clinician if")
     position: int = 0  # where it stands in the passages: one list's items are quoted in this order
+    run: int | None = None  # the list (run of bullet lines) of its passage it is an item of; None: prose
 
 
 def numbers_in(text: str) -> list[str]:
@@ -164,12 +167,23 @@ def passage_sentences(text: str) -> tuple[str, list[tuple[str, str]]]:
     """(heading context, [(sentence, the lead-in of the list it is an item of, or "")]) of one
     passage. A list's lead-in ("See a doctor if you have:") states nothing by itself, but it is what
     its items answer: the items carry it as context, as sentences carry their heading."""
+    heading, items = _passage_items(text)
+    return heading, [(sentence, lead_in) for sentence, lead_in, _ in items]
+
+
+def _passage_items(text: str) -> tuple[str, list[tuple[str, str, int | None]]]:
+    """passage_sentences, with the list each sentence is an item of: the number of its run of
+    bullet lines in the passage, None for a sentence of prose."""
     heading, found = [], []
     lead_in = ""
+    run, in_list = 0, False
     for index, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         bullet = _BULLET.match(line)
+        if bullet and not in_list:
+            run += 1
+        in_list = bool(bullet)
         if _is_heading(line, first=index == 0) and not bullet:
             heading.append(line.strip().lstrip("#").strip())
             lead_in = ""
@@ -184,7 +198,7 @@ def passage_sentences(text: str) -> tuple[str, list[tuple[str, str]]]:
             # An item under a lead-in may be short ("blood in the stool"): the lead-in says what it is.
             if (len(sentence.split()) >= (MIN_ITEM_WORDS if context else MIN_SENTENCE_WORDS)
                     and not sentence.endswith(":")):
-                found.append((sentence, context))
+                found.append((sentence, context, run if bullet else None))
         if not bullet:
             lead_in = parts[-1].rstrip(":") if parts and parts[-1].endswith(":") else ""
     return " ".join(heading), found
@@ -322,10 +336,12 @@ def select_evidence(
     0.71-0.88 (docs/eval/eval.md)."""
     candidates: list[tuple[int, str, str, str]] = []  # (passage number, heading and lead-in, sentence, lead-in)
     embedded: list[str] = []  # what the embedding sees: a list item after its lead-in
+    runs: list[int | None] = []  # the list each candidate is an item of
     for number, passage in enumerate(passages, start=1):
-        heading, found = passage_sentences(passage.text)
-        candidates += [(number, f"{heading} {lead_in}", s, lead_in) for s, lead_in in found]
-        embedded += [f"{lead_in}: {s}" if lead_in else s for s, lead_in in found]
+        heading, found = _passage_items(passage.text)
+        candidates += [(number, f"{heading} {lead_in}", s, lead_in) for s, lead_in, _ in found]
+        embedded += [f"{lead_in}: {s}" if lead_in else s for s, lead_in, _ in found]
+        runs += [run for _, _, run in found]
     if not candidates:
         return []
     terms = set(content_words(question))
@@ -347,9 +363,9 @@ def select_evidence(
     scored = [Evidence(number, sentence,
                        round(LEXICAL_WEIGHT * lex + SEMANTIC_WEIGHT * sem + RANK_BONUS / number
                              + (NUMBER_BONUS if wants_number and NUMBER.search(sentence) else 0.0), 4),
-                       lead_in, position)
-              for position, ((number, _, sentence, lead_in), lex, sem)
-              in enumerate(zip(candidates, lexical, semantic, strict=True))]
+                       lead_in, position, run)
+              for position, ((number, _, sentence, lead_in), lex, sem, run)
+              in enumerate(zip(candidates, lexical, semantic, runs, strict=True))]
     # Each pick gives way to sentences that say something the chosen ones do not (maximal marginal
     # relevance): two passages often say the same thing in other words.
     redundancy = [0.0] * total  # highest cosine with a chosen sentence
@@ -374,12 +390,12 @@ def select_evidence(
         if sentence_vectors:
             for i in remaining:
                 redundancy[i] = max(redundancy[i], _dot(sentence_vectors[i], sentence_vectors[best]))
-    quoted_lists = [(scored[i].number, scored[i].lead_in) for i in chosen if scored[i].lead_in]
+    quoted_lists = [(scored[i].number, scored[i].run) for i in chosen if scored[i].run is not None]
     for key in dict.fromkeys(quoted_lists):
         if quoted_lists.count(key) < COMPLETE_LIST_ITEMS:
             continue
         for i in range(total):
-            if i in chosen or (scored[i].number, scored[i].lead_in) != key:
+            if i in chosen or (scored[i].number, scored[i].run) != key:
                 continue
             length = len(scored[i].text.split())
             if used + length > max_words:
@@ -396,19 +412,19 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
 
 def opening(evidence: Sequence[Evidence]) -> str:
     """The first line of an answer: the evidence sentences, best first, each cited with its [n]
-    before its final full stop; the model continues on the next line. List items are quoted after
-    their lead-in, those of one list together, in the passage's order, where the best of them
-    ranks ("Contact a clinician if: it lasts longer than a week; you have a rash with the sore
-    throat [2]."): alone, "You have a rash with the sore throat [2]." read as a statement, not a
-    condition. Every quoted piece ends with its [n] and a full stop, so that no sentence runs on
-    into one its passage does not back."""
-    groups: dict[tuple[int, str], list[Evidence]] = {}
-    order: list[tuple[int, str] | Evidence] = []
+    before its final full stop; the model continues on the next line. The quoted items of one list
+    stand together, in the passage's order, where the best of them ranks: steps are read in the
+    order they are taken. Items are quoted after their lead-in ("Contact a clinician if: it lasts
+    longer than a week; you have a rash with the sore throat [2]."): alone, "You have a rash with
+    the sore throat [2]." read as a statement, not a condition. Every quoted piece ends with its [n]
+    and a full stop, so that no sentence runs on into one its passage does not back."""
+    groups: dict[tuple[int, int | str], list[Evidence]] = {}
+    order: list[tuple[int, int | str] | Evidence] = []
     for e in evidence:
-        if not e.lead_in:
+        if e.run is None and not e.lead_in:
             order.append(e)
             continue
-        key = (e.number, e.lead_in)
+        key = (e.number, e.run if e.run is not None else e.lead_in)
         if key not in groups:
             groups[key] = []
             order.append(key)
@@ -417,10 +433,13 @@ def opening(evidence: Sequence[Evidence]) -> str:
     for item in order:
         if isinstance(item, Evidence):
             cited.append(_cite(item.text, item.number))
+            continue
+        items = sorted(groups[item], key=lambda e: e.position)
+        if items[0].lead_in:
+            texts = [e.text.rstrip().rstrip(";,.:").rstrip() for e in items]
+            cited.append(_cite(f"{items[0].lead_in}: {'; '.join(texts)}", item[0]))
         else:
-            number, lead_in = item
-            items = [e.text.rstrip().rstrip(";,.:").rstrip() for e in sorted(groups[item], key=lambda e: e.position)]
-            cited.append(_cite(f"{lead_in}: {'; '.join(items)}", number))
+            cited += [_cite(e.text, item[0]) for e in items]
     return " ".join(cited) + "\n" if cited else ""
 
 

@@ -150,6 +150,19 @@ def test_a_list_quoted_in_part_is_quoted_whole() -> None:
                                max_words=15)) == 2
 
 
+def test_a_list_under_a_heading_is_completed_and_its_steps_keep_their_order() -> None:
+    passage = Passage(id="reset.md:0:a", source="reset.md", title="Reset", score=0.8, text=(
+        "Account > Resetting a forgotten password\nThe reset link is valid for 30 minutes.\n"
+        "1. On the sign-in screen, tap Forgot password.\n2. Enter the email address on your account.\n"
+        "3. Open the reset email and tap the link.\n4. Create a new password of 12 characters.\n"))
+    chosen = select_evidence("How do I open the reset email link and create a new password?", [passage], count=2)
+    assert len(chosen) == 4 and not any(e.lead_in for e in chosen), "a list without a lead-in is a list too"
+    # The steps are quoted in the order they are taken, each with its [n], whatever order they were chosen in.
+    assert opening(chosen) == ("On the sign-in screen, tap Forgot password [1]. Enter the email address on your "
+                               "account [1]. Open the reset email and tap the link [1]. Create a new password of 12 "
+                               "characters [1].\n")
+
+
 def test_the_models_sentence_is_added_only_when_it_says_something_new_and_fits() -> None:
     from domainchat import grounding
     from domainchat.grounding import adds_to
