@@ -424,6 +424,7 @@ def opening(evidence: Sequence[Evidence]) -> str:
         if e.run is None and not e.lead_in:
             order.append(e)
             continue
+        # Evidence made by hand, without its run, is grouped by its lead-in.
         key = (e.number, e.run if e.run is not None else e.lead_in)
         if key not in groups:
             groups[key] = []
