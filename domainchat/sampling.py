@@ -64,4 +64,9 @@ class Sampler:
         if self.greedy:
             return int(torch.argmax(scores[0]))
         probs = torch.softmax(scores[0], dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # Logits that overflowed (seen with an untrained adapter in the UI test: the request failed
+            # with "probability tensor contains inf or nan") or every token masked: take the best
+            # finite score rather than fail the whole answer.
+            return int(torch.argmax(torch.nan_to_num(scores[0], nan=float("-inf"))))
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -57,3 +57,12 @@ def test_a_seed_makes_sampling_reproducible() -> None:
         runs.append([sampler.next_token(logits, torch.tensor([0])) for _ in range(10)])
     assert runs[0] == runs[1] and runs[0][:1] == first
     assert len(set(runs[0])) > 1, "uniform logits give different tokens"
+
+
+def test_sampling_survives_logits_that_are_not_finite() -> None:
+    params = GenerationParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1, no_repeat_ngram=0, seed=1)
+    overflowed = torch.tensor([1.0, float("nan"), 3.0, float("inf")])
+    assert Sampler(params).next_token(overflowed, torch.tensor([0])) == 3  # the largest score, not a crash
+    everything_masked = torch.tensor([True, True, True, True])
+    assert Sampler(params).next_token(torch.tensor([1.0, 2.0, 0.5, 0.0]), torch.tensor([0]),
+                                      guarded=everything_masked) in range(4)
