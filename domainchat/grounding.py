@@ -3,12 +3,14 @@ answer may state.
 
 A 135M model asked to answer from four whole passages often ignores them (it repeats figures it
 learned in training). This module picks the few sentences nearest the question (lexical
-overlap weighted by rarity, plus embedding cosine when an embedder is given) so that the answer can
-open with them, quoted with their [n]; it lists the numbers that the passages, the question and the
+overlap weighted by rarity, plus embedding cosine when an embedder is given), and the rest of a
+list two of whose items it picks, so that the answer can open with them, quoted with their [n]; it
+lists the numbers that the passages, the question and the
 conversation contain, which the engine's number guard and the eval's "unsupported numbers" use, and
 changes figures consistently (the counterfactual eval's knowledge and training's counterfactual
 copies); and it says whether a passage backs a sentence (the check on what the model adds after the
-opening, and the eval's citation precision) and whether that sentence adds anything to the opening.
+opening, and the eval's citation precision) and whether that sentence is worth showing after the
+opening (it adds something, and is more than an offer of help).
 
 It works on text only: it knows nothing of models, stores or domains (it is handed passages and,
 optionally, a function that embeds texts).
