@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from domainchat.grounding import (
     allowed_numbers,
+    amounts_in,
     cited_spans,
     evidence_passages,
+    holds_amount,
     numbers_in,
     opening,
     passage_sentences,
@@ -161,6 +163,42 @@ def test_a_list_under_a_heading_is_completed_and_its_steps_keep_their_order() ->
     assert opening(chosen) == ("On the sign-in screen, tap Forgot password [1]. Enter the email address on your "
                                "account [1]. Open the reset email and tap the link [1]. Create a new password of 12 "
                                "characters [1].\n")
+
+
+def test_a_range_holds_an_amount_of_the_same_unit() -> None:
+    price = {("$", 139.0)}
+    assert holds_amount("Devices from $50 to $149.99: $19.99.", price)
+    assert holds_amount("Plans for devices priced $50–$149.99 cost $19.99.", price)
+    assert not holds_amount("Devices from $150 to $299.99: $34.99.", price)
+    assert not holds_amount("Devices under $50: $7.99.", price)
+    assert not holds_amount("Refunds take 100 to 150 days.", price), "139 days is not $139"
+    age = {("", 52.0)}
+    assert holds_amount("Workers 40 or older get 21 days to consider a release.", age)
+    assert holds_amount("It protects workers aged 40 and over.", age)
+    assert holds_amount("People between 18 and 64 should be screened.", age)
+    assert not holds_amount("Anyone under 18 may cancel a contract.", age)
+    assert not holds_amount("Call 1-555-014-2290 between 8 a.m. and 5 p.m.", age)
+    assert holds_amount("A fee of at least 20% applies.", {("%", 25.0)})
+    assert holds_amount("Processing takes 15–30 minutes.", {("minute", 20.0)})
+    assert not holds_amount("The condition must last at least 12 months.", age), "a duration does not hold an age"
+    assert not holds_amount("Devices from $50 to $149.99.", set())
+
+
+def test_years_and_numbers_inside_names_are_not_amounts() -> None:
+    assert amounts_in("How much can I put into my 401(k) in 2025?") == set()
+    assert amounts_in("What is the 15-15 rule, and what does a 2/1/5 cap on a 15-year loan mean?") == set()
+    assert amounts_in("I'm 52 and ordered 20 minutes ago: is $139 enough?") == {("", 52.0), ("minute", 20.0),
+                                                                            ("$", 139.0)}
+
+
+def test_the_sentence_whose_range_holds_the_questions_amount_is_chosen() -> None:
+    passage = Passage(id="protect.md:0:a", source="protect.md", title="Protect", score=0.8, text=(
+        "Protect > Single-device plans\nA plan covers one device for 3 years. The price depends on the price of "
+        "the device:\n- Devices under $50: $7.99.\n- Devices from $50 to $149.99: $19.99.\n"
+        "- Devices from $150 to $299.99: $34.99.\n"))
+    # No word of the question tells the tiers apart: only the amount does.
+    chosen = select_evidence("How much is a plan for a $139 camera?", [passage], count=1)
+    assert [e.text for e in chosen] == ["Devices from $50 to $149.99: $19.99."]
 
 
 def test_the_models_sentence_is_added_only_when_it_says_something_new_and_fits() -> None:
