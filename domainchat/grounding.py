@@ -4,8 +4,9 @@ answer may state.
 A 135M model asked to answer from four whole passages often ignores them (it repeats figures it
 learned in training). This module picks the few sentences nearest the question (lexical
 overlap weighted by rarity, plus embedding cosine when an embedder is given, plus a sentence whose
-range holds an amount the question states), and the rest of a list two of whose items it picks, so
-that the answer can open with them, quoted with their [n]; it lists the numbers that the passages,
+range holds an amount the question states; a table row is read with its column names), and the
+rest of a list two of whose items it picks, so that the answer can open with them, quoted with
+their [n]; it lists the numbers that the passages,
 the question and the conversation contain, which the engine's number guard and the eval's "unsupported numbers" use, and
 changes figures consistently (the counterfactual eval's knowledge and training's counterfactual
 copies); and it says whether a passage backs a sentence (the check on what the model adds after the
@@ -40,6 +41,7 @@ LIST_MARKER = re.compile(r"^\s*\d{1,2}[.)]\s", re.MULTILINE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])(?<![ap]\.m\.)(?<!e\.g\.)(?<!i\.e\.)(?<!U\.S\.)(?<!\bvs\.)(?<!\b[DM]r\.)"
                            r"(?<!\bNo\.)(?<!\bSt\.)(?:\*\*)?[\"”']?\s+(?=[A-Z0-9\"“(*])")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
+_TABLE_RULE = re.compile(r":?-{3,}:?")
 MIN_SENTENCE_WORDS = 4
 MIN_ITEM_WORDS = 2
 # How a sentence's score mixes its words' overlap with the question and its embedding's cosine, plus
@@ -231,15 +233,59 @@ def passage_sentences(text: str) -> tuple[str, list[tuple[str, str]]]:
     return heading, [(sentence, lead_in) for sentence, lead_in, _ in items]
 
 
+def _table_cells(line: str) -> list[str] | None:
+    """The cells of a Markdown table line ("| Standard | 3–5 business days | $5.99 |"), else None."""
+    stripped = line.strip()
+    if len(stripped) < 3 or not (stripped.startswith("|") and stripped.endswith("|")):
+        return None
+    return [cell.strip().replace("**", "") for cell in stripped[1:-1].split("|")]
+
+
+def _table_row(cells: list[str], columns: list[str]) -> str:
+    """A table row as a sentence that reads without its table: "Standard — carrier: UPS Ground;
+    delivery time: 3–5 business days; cost: $5.99". The first cell names the row; the others go
+    under their column's name (its first letter lowered unless the name is an acronym)."""
+    named = []
+    for position, cell in enumerate(cells[1:], start=1):
+        column = columns[position] if position < len(columns) else ""
+        if column[1:2].islower():
+            column = column[0].lower() + column[1:]
+        if cell:
+            named.append(f"{column}: {cell}" if column else cell)
+    return f"{cells[0]} — {'; '.join(named)}" if named else cells[0]
+
+
 def _passage_items(text: str) -> tuple[str, list[tuple[str, str, int | None]]]:
     """passage_sentences, with the list each sentence is an item of: the number of its run of
-    bullet lines in the passage, None for a sentence of prose."""
+    bullet lines (or of table rows) in the passage, None for a sentence of prose. A table's rows
+    are sentences with their column names (_table_row); its header and rule lines are not."""
     heading, found = [], []
     lead_in = ""
     run, in_list = 0, False
-    for index, line in enumerate(text.splitlines()):
+    columns: list[str] = []
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
         if not line.strip():
             continue
+        cells = _table_cells(line)
+        if cells is not None:
+            if all(_TABLE_RULE.fullmatch(cell) for cell in cells):
+                continue
+            following = next((later for later in lines[index + 1:] if later.strip()), "")
+            rule = _table_cells(following)
+            if rule is not None and all(_TABLE_RULE.fullmatch(cell) for cell in rule):
+                columns = cells  # the header row names the columns
+                continue
+            if not in_list:
+                run += 1
+            in_list = True
+            sentence = _table_row(cells, columns)
+            # A row is quoted as a sentence of its own: after a lead-in, the rows would run together
+            # in one sentence whose items are themselves lists ("…: Standard — cost: $5.99; …; Express — …").
+            if len(sentence.split()) >= MIN_ITEM_WORDS:
+                found.append((sentence, "", run))
+            continue
+        columns = []
         bullet = _BULLET.match(line)
         if bullet and not in_list:
             run += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from domainchat.grounding import (
     allowed_numbers,
     amounts_in,
+    backs,
     cited_spans,
     evidence_passages,
     holds_amount,
@@ -163,6 +164,27 @@ def test_a_list_under_a_heading_is_completed_and_its_steps_keep_their_order() ->
     assert opening(chosen) == ("On the sign-in screen, tap Forgot password [1]. Enter the email address on your "
                                "account [1]. Open the reset email and tap the link [1]. Create a new password of 12 "
                                "characters [1].\n")
+
+
+def test_a_table_row_is_quoted_as_a_sentence_with_its_column_names() -> None:
+    passage = Passage(id="shipping.md:0:a", source="shipping.md", title="Shipping", score=0.8, text=(
+        "Shipping > Options\nPrices and delivery times:\n\n| Option | Delivery time | Cost | UPS service |\n"
+        "|---|:---:|---|---|\n| Standard | 3–5 business days | $5.99, **free** over $49 | Ground |\n"
+        "| Express | 1 business day | $29.99 | Next Day Air |\n\nOrders ship from Reno."))
+    _, found = passage_sentences(passage.text)
+    assert [s for s, _ in found] == [
+        "Standard — delivery time: 3–5 business days; cost: $5.99, free over $49; UPS service: Ground",
+        "Express — delivery time: 1 business day; cost: $29.99; UPS service: Next Day Air",
+        "Orders ship from Reno."], "no header or rule line is a sentence; an acronym keeps its case"
+    chosen = select_evidence("How much does express delivery cost and how long does standard take?", [passage],
+                             count=2)
+    # Two rows of one table bring the rest of it; each row is a sentence of its own, with its [n].
+    assert opening(chosen).startswith("Standard — delivery time: 3–5 business days; cost: $5.99, free over $49; "
+                                      "UPS service: Ground [1]. Express — delivery time: 1 business day; ")
+    assert all(backs(passage.text, e.text) for e in chosen)
+    # A table without a header row: its cells, in order.
+    _, found = passage_sentences("| Basic | $3.99 a month | 1 camera |\n| Plus | $9.99 a month | all cameras |")
+    assert [s for s, _ in found] == ["Basic — $3.99 a month; 1 camera", "Plus — $9.99 a month; all cameras"]
 
 
 def test_a_range_holds_an_amount_of_the_same_unit() -> None:
