@@ -187,6 +187,22 @@ def test_a_table_row_is_quoted_as_a_sentence_with_its_column_names() -> None:
     assert [s for s, _ in found] == ["Basic — $3.99 a month; 1 camera", "Plus — $9.99 a month; all cameras"]
 
 
+def test_a_sentence_that_points_back_is_quoted_after_the_one_it_points_to() -> None:
+    passage = Passage(id="cold.md:0:a", source="cold.md", title="Cold sores", score=0.8, text=(
+        "Cold sores > Healing\nCold sores are small blisters around the lips caused by a virus. Keep the area "
+        "clean. They usually heal within about a week without treatment.\nIt is important to wash your hands "
+        "after you heal the blisters."))
+    chosen = select_evidence("How long do they take to heal?", [passage], count=1)
+    assert opening(chosen) == ("Keep the area clean [1]. They usually heal within about a week without "
+                               "treatment [1].\n"), "the sentence before it, on its line, in the passage's order"
+    # When the two do not fit in the words left, the sentence that points back is not quoted alone.
+    assert not any(e.text.startswith("They") for e in select_evidence(
+        "How long do they take to heal? Is it a virus?", [passage], count=2, max_words=20))
+    # "It is important to …" points at nothing: it is quoted on its own.
+    chosen = select_evidence("Is it important to wash hands after the blisters?", [passage], count=1)
+    assert [e.text for e in chosen] == ["It is important to wash your hands after you heal the blisters."]
+
+
 def test_a_range_holds_an_amount_of_the_same_unit() -> None:
     price = {("$", 139.0)}
     assert holds_amount("Devices from $50 to $149.99: $19.99.", price)
