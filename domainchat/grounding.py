@@ -112,8 +112,9 @@ NEAR_DUPLICATE = 0.7  # share of a sentence's content words already in a chosen 
 # its content words (the eval's citation precision, and the check on a continuation sentence).
 BACKING_WORD_SHARE = 0.5
 QUOTED_SHARE = 0.8  # a passage sentence whose content words are this much in an answer sentence is quoted there
-_OFFERS_HELP = re.compile(r"^\W*I(?:'d| would| can| could| will|'ll|'m| am)?\s+(?:be\s+(?:happy|glad)\s+to\s+|also\s+)?"
-                          r"(?:help|assist)\b", re.IGNORECASE)
+_OFFERS_HELP = re.compile(
+    r"^\W*(?:I(?:'d| would| can| could| will|'ll|'m| am)?\s+(?:be\s+(?:happy|glad)\s+to\s+|also\s+)?(?:help|assist)\b"
+    r"|(?:I\s+)?hope (?:this|that|it) helps|let me know if\b|is there anything else\b)", re.IGNORECASE)
 _SENTENCE_CLOSE = (".", "!", "?", ")", "]", '"', "”")
 # 'Our policy: "Returns are inspected within 3 business days."': the quoted words are the claim; the
 # lead-in is quoted as evidence only because it shares the sentence (and the sentence split takes
@@ -369,11 +370,12 @@ def repeats_layout(sentence: str, passages: Sequence[Passage]) -> bool:
 
 
 def offers_help(sentence: str) -> bool:
-    """Whether `sentence` is the assistant offering help ("I can help with that too.", "I'd be happy
-    to help you find …"): it states nothing the reader can use, and the word "help" in a passage lets
-    it pass the backing check. In the eval all five such model sentences after the quoted evidence
-    said nothing, and one was untrue ("… like I did before"). An offer of a next step ("I can
-    connect you with a human agent"), which customer service's voice asks for, is not one."""
+    """Whether `sentence` is the assistant offering help or a pleasantry ("I can help with that
+    too.", "I'd be happy to help you find …", "I hope this helps!", "Let me know if …"): it states
+    nothing the reader can use, and the word "help" in a passage lets it pass the backing check. In
+    the eval all five such model sentences after the quoted evidence said nothing, and one was
+    untrue ("… like I did before"). An offer of a next step ("I can connect you with a human
+    agent"), which customer service's voice asks for, is not one."""
     return bool(_OFFERS_HELP.match(CITATION.sub(" ", sentence)))
 
 

@@ -264,6 +264,9 @@ def test_an_offer_of_help_is_not_worth_showing_but_an_offer_of_a_next_step_is() 
     assert not worth_showing(start, "Our stores open at noon on Mondays.", [desk])  # backed by no passage
     assert offers_help("I'd be happy to help with that too.") and offers_help("I can also assist you [1].")
     assert not offers_help("A lawyer can help with your claim [1].") and not offers_help("It helps to keep the box.")
+    # Pleasantries say nothing either (the served eval showed "I hope this helps!" after one answer).
+    assert offers_help("I hope this helps!") and offers_help("Let me know if you have other questions.")
+    assert not offers_help("Hope Valley stores restock on Mondays.")
 
 
 def test_opening_cites_each_sentence_before_its_full_stop() -> None:
