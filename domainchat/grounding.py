@@ -42,6 +42,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])(?<![ap]\.m\.)(?<!e\.g\.)(?<!i\.e\.)(?<!U
                            r"(?<!\bNo\.)(?<!\bSt\.)(?:\*\*)?[\"”']?\s+(?=[A-Z0-9\"“(*])")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
 _TABLE_RULE = re.compile(r":?-{3,}:?")
+_TRAILING_CONJUNCTION = re.compile(r"[;,]\s*(and|or)$", re.IGNORECASE)
 # A sentence that opens by pointing back ("They usually heal within a week.", "This makes probate
 # easier", "During those 2 hours …") says nothing alone: it is quoted right after the sentence of its
 # paragraph before it, or not at all when the two do not fit. On every answerable eval question plus
@@ -577,7 +578,13 @@ def opening(evidence: Sequence[Evidence]) -> str:
             continue
         items = sorted(groups[item], key=lambda e: e.position)
         if items[0].lead_in:
-            texts = [e.text.rstrip().rstrip(";,.:").rstrip() for e in items]
+            texts, carried = [], ""
+            for k, e in enumerate(items):
+                text, conjunction = _without_conjunction(e.text.rstrip().rstrip("."))
+                texts.append(f"{carried} {text}".lstrip())
+                # "A; B; and C" in the passage: the "and" stays before C, when C is quoted next to B.
+                follows = k + 1 < len(items) and items[k + 1].position == e.position + 1
+                carried = conjunction if follows else ""
             cited.append(_cite(f"{items[0].lead_in}: {'; '.join(texts)}", item[0]))
         else:
             cited += [_cite(e.text, item[0]) for e in items]
@@ -618,9 +625,20 @@ def evidence_passages(passages: Sequence[Passage], evidence: Sequence[Evidence])
     return kept
 
 
+def _without_conjunction(text: str) -> tuple[str, str]:
+    """(a list item without its closing separator and without the "and"/"or" that ends it in the
+    passage, that word): "… brisk walking; or" -> ("… brisk walking", "or"). Quoted as it stands,
+    the item read "… brisk walking; or; …" or "…; or [1]."."""
+    text = text.rstrip().rstrip(";,:").rstrip()
+    found = _TRAILING_CONJUNCTION.search(text)
+    if not found:
+        return text, ""
+    return text[:found.start()].rstrip().rstrip(";,").rstrip(), found.group(1).lower()
+
+
 def _cite(text: str, number: int) -> str:
     """One quoted piece, capitalised, with its [n] before its final full stop."""
-    text = text.rstrip().rstrip(";,:").rstrip()
+    text = _without_conjunction(text)[0]
     if text[:1].islower():
         text = text[0].upper() + text[1:]
     if text.endswith((".", "!", "?")) and not text.endswith(('."', '.”')):

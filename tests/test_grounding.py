@@ -166,6 +166,21 @@ def test_a_list_under_a_heading_is_completed_and_its_steps_keep_their_order() ->
                                "characters [1].\n")
 
 
+def test_the_and_or_or_that_closes_a_list_item_stays_before_the_next_item() -> None:
+    from domainchat.grounding import Evidence
+
+    lead_in = "A claimant must prove"
+    items = [Evidence(1, "a false statement of fact;", 0.5, lead_in, 0, 1),
+             Evidence(1, "fault, at least negligence; and", 0.5, lead_in, 1, 1),
+             Evidence(1, "harm to reputation.", 0.5, lead_in, 2, 1)]
+    assert opening(items) == ("A claimant must prove: a false statement of fact; fault, at least negligence; "
+                              "and harm to reputation [1].\n")
+    # Without the item it led to, the word goes: "…; or [1]." and "…; or; …" said nothing.
+    assert opening(items[:2]) == "A claimant must prove: a false statement of fact; fault, at least negligence [1].\n"
+    assert opening([Evidence(1, "it lasts 3 to 4 days in a row; or", 0.5, "", 5, None)]) == (
+        "It lasts 3 to 4 days in a row [1].\n")
+
+
 def test_a_table_row_is_quoted_as_a_sentence_with_its_column_names() -> None:
     passage = Passage(id="shipping.md:0:a", source="shipping.md", title="Shipping", score=0.8, text=(
         "Shipping > Options\nPrices and delivery times:\n\n| Option | Delivery time | Cost | UPS service |\n"
