@@ -323,6 +323,14 @@ def _passage_items(text: str) -> tuple[str, list[tuple[str, str, int | None, int
     return " ".join(heading), found
 
 
+def quoted_table_rows(text: str, spans: Sequence[str]) -> set[int]:
+    """The numbers of the lines of passage `text` that are table rows quoted among `spans` (a row is
+    quoted as a sentence with its column names, so it is not found in its line as written)."""
+    _, items = _passage_items(text)
+    lines = text.splitlines()
+    return {line for sentence, _, _, line in items if sentence in spans and _table_cells(lines[line]) is not None}
+
+
 def backs(passage: str, sentence: str) -> bool:
     """Whether `passage` backs `sentence`: all of the sentence's numbers are in it, and at least
     BACKING_WORD_SHARE of its content words. A lexical check: it catches a sentence that drifts away

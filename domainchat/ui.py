@@ -26,7 +26,7 @@ from domainchat import feedback
 from domainchat.chat import Assistant, Done, Notice, Transcript
 from domainchat.documents import MAX_FILE_BYTES, SUPPORTED_SUFFIXES
 from domainchat.errors import DomainchatError
-from domainchat.grounding import CITATION, cited_spans
+from domainchat.grounding import CITATION, cited_spans, quoted_table_rows
 from domainchat.knowledge import Passage, StoredDocument
 from domainchat.safety import MAX_QUESTION_CHARS
 from domainchat.settings import Settings
@@ -66,7 +66,10 @@ def format_sources(passages: list[Passage], answer: str = "") -> str:
     spans = cited_spans(answer, passages) if answer else {}
     blocks = []
     for number, passage in enumerate(passages, start=1):
-        lines = [_marked(line, spans.get(number, [])) for line in passage.text.splitlines() if line.strip()]
+        drawn_on = spans.get(number, [])
+        rows = quoted_table_rows(passage.text, drawn_on) if drawn_on else set()
+        lines = [_marked_row(line) if index in rows else _marked(line, drawn_on)
+                 for index, line in enumerate(passage.text.splitlines()) if line.strip()]
         quoted = "\n".join(f"> {line}" for line in lines)
         heading = f"**[{number}] {html.escape(passage.title)}** — `{passage.source}` (score {passage.score:.2f})"
         blocks.append(f"{heading}\n\n{quoted}")
@@ -83,6 +86,12 @@ def _marked(line: str, sentences: list[str]) -> str:
     for sentence in found:
         escaped = escaped.replace(html.escape(sentence), f"<mark>{html.escape(sentence)}</mark>", 1)
     return escaped
+
+
+def _marked_row(line: str) -> str:
+    """A quoted table row, escaped, each cell inside <mark> (a mark cannot span a row's cells)."""
+    cells = line.strip().strip("|").split("|")
+    return "| " + " | ".join(f"<mark>{html.escape(c.strip())}</mark>" if c.strip() else "" for c in cells) + " |"
 
 
 def format_notices(notices: list[Notice]) -> str:

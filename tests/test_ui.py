@@ -347,3 +347,11 @@ def test_the_sources_mark_the_sentences_an_answer_quoted() -> None:
     shown = ui.format_sources([passage], "Returns are accepted within 30 days of delivery [1].")
     assert "<mark>Returns are accepted within 30 days of delivery.</mark> Opened items are fine." in shown
     assert "Refunds take 5 days." in shown and shown.count("<mark>") == 1
+
+
+def test_the_sources_mark_a_quoted_table_row_cell_by_cell() -> None:
+    passage = Passage(id="s.md:0:a", source="s.md", title="Shipping", score=0.8, text=(
+        "Shipping > Options\n| Option | Cost |\n|---|---|\n| Standard | $5.99 |\n| Express | $29.99 |"))
+    shown = ui.format_sources([passage], "Express — cost: $29.99 [1].")
+    assert "> | <mark>Express</mark> | <mark>$29.99</mark> |" in shown
+    assert "> | Standard | $5.99 |" in shown and shown.count("<mark>") == 2
