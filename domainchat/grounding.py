@@ -44,12 +44,13 @@ _BULLET = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
 _TABLE_RULE = re.compile(r":?-{3,}:?")
 _TRAILING_CONJUNCTION = re.compile(r"[;,]\s*(and|or)$", re.IGNORECASE)
 # A sentence that opens by pointing back ("They usually heal within a week.", "This makes probate
-# easier", "During those 2 hours …") says nothing alone: it is quoted right after the sentence of its
-# paragraph before it, or not at all when the two do not fit. On every answerable eval question plus
-# both suites, answers with a sentence that points back to nothing quoted before it: 32 -> 10 of 377
-# (the rest open their paragraph); key facts customer service 0.750 -> 0.759, legal 0.792 -> 0.782
-# (one follow-up, "Can I cancel it later?"), the others unchanged; ~1 word more per answer. Adding
-# the sentence before only where it still fit after choosing left 26 of 377.
+# easier", "During those 2 hours …") says nothing alone: it is quoted right after the sentence before
+# it on its line (and that one's, when it points back too), or not at all when they do not fit. On
+# every answerable eval question plus both suites, answers with a sentence that points back to
+# nothing quoted before it: 32 -> 2 of 377; key facts customer service 0.750 -> 0.759, legal 0.792
+# -> 0.782 (one follow-up, "Can I cancel it later?"), the others unchanged; ~1 word more per answer.
+# Adding the sentence only where it still fit after choosing left 26 of 377; one sentence back, in
+# prose only, left 10.
 _LEANS_BACK = re.compile(
     r"^(?:(?:It(?! (?:is|was|can be|may be) \w+ (?:to|that)\b)|Its|They|Their|Them|These|Those|This|That|Such"
     r"|He|She|His|Her)\b"
@@ -473,11 +474,10 @@ def select_evidence(
         candidates += [(number, f"{heading} {lead_in}", s, lead_in) for s, lead_in, _, _ in found]
         embedded += [f"{lead_in}: {s}" if lead_in else s for s, lead_in, _, _ in found]
         runs += [run for _, _, run, _ in found]
-        # A sentence of prose that opens with "It", "They", "This …" leans on the one before it.
+        # A sentence that opens with "It", "They", "This …" leans on the one before it on its line.
         offset = len(antecedents)
-        antecedents += [offset + k - 1 if k and run is None and not lead_in and line == found[k - 1][3]
-                        and _LEANS_BACK.match(sentence) else None
-                        for k, (sentence, lead_in, run, line) in enumerate(found)]
+        antecedents += [offset + k - 1 if k and line == found[k - 1][3] and _LEANS_BACK.match(sentence) else None
+                        for k, (sentence, _, _, line) in enumerate(found)]
     if not candidates:
         return []
     terms = set(content_words(question))
@@ -520,20 +520,19 @@ def select_evidence(
         if pick.lead_in and not any((scored[j].number, scored[j].lead_in) == (pick.number, pick.lead_in)
                                     for j in chosen):
             length += len(pick.lead_in.split())
-        before = antecedents[best]
-        if before is not None and before not in chosen:
-            length += len(scored[before].text.split())
+        # The sentences it points back through, up to one already chosen (or the paragraph's first).
+        leads_to, anchor = [], antecedents[best]
+        while anchor is not None and anchor not in chosen:
+            leads_to.insert(0, anchor)
+            anchor = antecedents[anchor]
+        length += sum(len(scored[j].text.split()) for j in leads_to)
         # Quoting the same words twice tells the reader nothing more.
         if (any(len(words & token_sets[j]) >= NEAR_DUPLICATE * len(words) for j in chosen)
                 or (chosen and used + length > max_words)):
             continue
-        if before is None:
-            chosen.append(best)
-        else:
-            if before not in chosen:
-                chosen.append(before)
-                remaining.discard(before)
-            chosen.insert(chosen.index(before) + 1, best)
+        remaining.difference_update(leads_to)
+        at = chosen.index(anchor) + 1 if anchor is not None else len(chosen)
+        chosen[at:at] = leads_to + [best]
         picked += 1
         used += length
         if sentence_vectors:

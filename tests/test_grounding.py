@@ -213,6 +213,13 @@ def test_a_sentence_that_points_back_is_quoted_after_the_one_it_points_to() -> N
     # When the two do not fit in the words left, the sentence that points back is not quoted alone.
     assert not any(e.text.startswith("They") for e in select_evidence(
         "How long do they take to heal? Is it a virus?", [passage], count=2, max_words=20))
+    # A chain of them is quoted from its start, also inside a list item.
+    item = Passage(id="doorbell.md:0:a", source="doorbell.md", title="Doorbell", score=0.8, text=(
+        "Doorbell > Power\nMoving house:\n- The doorbell needs 16-24 V AC. It works with mechanical chimes. "
+        "It does not support digital chimes that play a tune."))
+    chosen = select_evidence("Does it support digital chimes that play a tune?", [item], count=1)
+    assert [e.text for e in chosen] == ["The doorbell needs 16-24 V AC.", "It works with mechanical chimes.",
+                                        "It does not support digital chimes that play a tune."]
     # "It is important to …" points at nothing: it is quoted on its own.
     chosen = select_evidence("Is it important to wash hands after the blisters?", [passage], count=1)
     assert [e.text for e in chosen] == ["It is important to wash your hands after you heal the blisters."]
