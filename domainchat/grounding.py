@@ -4,14 +4,15 @@ answer may state.
 A 135M model asked to answer from four whole passages often ignores them (it repeats figures it
 learned in training). This module picks the few sentences nearest the question (lexical
 overlap weighted by rarity, plus embedding cosine when an embedder is given, plus a sentence whose
-range holds an amount the question states; a table row is read with its column names), and the
-rest of a list two of whose items it picks, so that the answer can open with them, quoted with
-their [n]; it lists the numbers that the passages,
-the question and the conversation contain, which the engine's number guard and the eval's "unsupported numbers" use, and
-changes figures consistently (the counterfactual eval's knowledge and training's counterfactual
-copies); and it says whether a passage backs a sentence (the check on what the model adds after the
-opening, and the eval's citation precision) and whether that sentence is worth showing after the
-opening (it adds something, and is more than an offer of help).
+range holds an amount the question states; a table row is read with its column names), with the
+sentences that one pointing back ("They usually …") leans on and the rest of a list two of whose
+items it picks, so that the answer can open with them, quoted with their [n]; it lists the numbers
+that the passages, the question and the conversation contain, which the engine's number guard and
+the eval's "unsupported numbers" use, and changes figures consistently (the counterfactual eval's
+knowledge and training's counterfactual copies); and it says whether a passage backs a sentence
+(the check on what the model adds after the opening, and the eval's citation precision) and
+whether that sentence is worth showing after the opening (it adds something, and is more than an
+offer of help or a pleasantry).
 
 It works on text only: it knows nothing of models, stores or domains (it is handed passages and,
 optionally, a function that embeds texts).
@@ -271,8 +272,9 @@ def _table_row(cells: list[str], columns: list[str]) -> str:
 
 def _passage_items(text: str) -> tuple[str, list[tuple[str, str, int | None, int]]]:
     """passage_sentences, with the list each sentence is an item of (the number of its run of
-    bullet lines or table rows in the passage, None for a sentence of prose) and the line it is on. A table's rows
-    are sentences with their column names (_table_row); its header and rule lines are not."""
+    bullet lines or table rows in the passage, None for a sentence of prose) and the line it is on.
+    A table's rows are sentences with their column names (_table_row); its header and rule lines
+    are not."""
     heading, found = [], []
     lead_in = ""
     run, in_list = 0, False
