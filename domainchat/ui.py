@@ -26,8 +26,9 @@ from domainchat import feedback
 from domainchat.chat import Assistant, Done, Notice, Transcript
 from domainchat.documents import MAX_FILE_BYTES, SUPPORTED_SUFFIXES
 from domainchat.errors import DomainchatError
-from domainchat.grounding import CITATION, cited_spans, quoted_table_rows
+from domainchat.grounding import CITATION, cited_spans
 from domainchat.knowledge import Passage, StoredDocument
+from domainchat.passage_text import quoted_table_rows
 from domainchat.safety import MAX_QUESTION_CHARS
 from domainchat.settings import Settings
 
