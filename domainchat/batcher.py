@@ -19,6 +19,7 @@ chat messages, templates or domains: a request is token ids, an adapter name and
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -173,7 +174,7 @@ class Batcher:
                         logits = self._prefill_some(request, whole=not running)
                     if logits is not None:
                         prefilling.pop(0)
-                        if self._advance(request, logits):
+                        if self._advance(request, logits, self._guarded(request)):
                             running.append(request)
                 except Exception as exc:
                     prefilling.pop(0)
@@ -181,10 +182,14 @@ class Batcher:
             if not running:
                 continue
             try:
+                guards = [self._guarded(r) for r in running]
+                # Each row's sampler names the tokens it could pick; only their logits are computed.
+                pick = [functools.partial(r.sampler.candidates, seen=r.seen, generated=r.generated, guarded=g)
+                        for r, g in zip(running, guards, strict=True)]
                 with torch.no_grad():
                     logits = self.decoder.step([r.generated[-1] for r in running], [r.cache for r in running],
-                                               [r.adapter for r in running])
-                running = [r for row, r in enumerate(running) if self._advance(r, logits[row])]
+                                               [r.adapter for r in running], pick)
+                running = [r for row, r in enumerate(running) if self._advance(r, logits[row], guards[row])]
             except Exception as exc:
                 log.exception("batched decode step failed")
                 for request in running:
@@ -213,14 +218,17 @@ class Batcher:
         logits = self.decoder.prefill(request.prompt[done:end], request.cache, request.adapter)
         return logits[0] if end == len(request.prompt) else None
 
-    def _advance(self, request: Request, logits: torch.Tensor) -> bool:
+    def _guarded(self, request: Request) -> torch.Tensor | None:
+        """The number guard's mask for the request's next token (None: any number may come)."""
+        allowed = request.sampler.params.allowed_numbers
+        return self.guard.banned(request.reply_start, request.generated, allowed) if allowed is not None else None
+
+    def _advance(self, request: Request, logits: torch.Tensor, guarded: torch.Tensor | None) -> bool:
         """Pick the request's next token and hand it over; False when the request is finished."""
         if request.stopped():
             request.tokens.put(None)
             return False
         params = request.sampler.params
-        guarded = (self.guard.banned(request.reply_start, request.generated, params.allowed_numbers)
-                   if params.allowed_numbers is not None else None)
         token = request.sampler.next_token(logits, request.seen, request.generated, guarded)
         if token in self.stop_ids:
             request.tokens.put(None)

@@ -3,7 +3,8 @@
 Owns the per-request `Sampler`: transformers' own logits processors for the repetition penalty,
 temperature and top-p, plus two masks transformers does not have — a no-repeat-n-gram rule that
 looks at the reply only (so quoting a passage stays possible) and the number guard's mask, handed
-in by the caller. It knows nothing about models, adapters or batching.
+in by the caller. `candidates` tells a decoder that can estimate logits cheaply which tokens need
+exact ones (decoder.OutputLayer). It knows nothing about models, adapters or batching.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from transformers.generation.logits_process import (
 
 from domainchat.generation import GenerationParams
 
+# Sampling leaves out tokens whose probability is below e^-SAMPLING_MARGIN of the likeliest one's:
+# together they could hold at most vocabulary x 4e-18 (2e-13 for 49,152 tokens) of the probability.
+SAMPLING_MARGIN = 40.0
+MAX_CANDIDATES = 6144  # more than this and computing every logit is as cheap (1/8 of a 49,152 vocabulary)
+
 
 def banned_by_ngram(generated: Sequence[int], n: int) -> list[int]:
     """Tokens that would complete an n-gram already present in `generated`."""
@@ -36,31 +42,53 @@ class Sampler:
     def __init__(self, params: GenerationParams) -> None:
         self.params = params
         self.greedy = params.temperature <= 0
-        processors = LogitsProcessorList()
-        if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+                        if params.repetition_penalty != 1.0 else None)
+        warpers = LogitsProcessorList()
         if not self.greedy:
-            processors.append(TemperatureLogitsWarper(params.temperature))
+            warpers.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        self.processors = processors
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = warpers
         self.generator: torch.Generator | None = None
         if not self.greedy:
             seed = params.seed if params.seed is not None else int(time.time_ns() % 2**31)
             self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
-    def next_token(self, logits: torch.Tensor, seen: torch.Tensor, generated: Sequence[int] = (),
-                   guarded: torch.Tensor | None = None) -> int:
-        """The token after `seen` (prompt and reply ids so far; the penalty applies to all of them)
-        given the last position's `logits`; `guarded` masks what the number guard rules out."""
-        scores = logits.float().unsqueeze(0)
+    def _penalized(self, scores: torch.Tensor, seen: torch.Tensor, generated: Sequence[int],
+                   guarded: torch.Tensor | None) -> torch.Tensor:
+        """Scores [1, V] with the masks and the repetition penalty applied: each token's score is a
+        non-decreasing function of its logit alone (a mask gives -inf, the penalty shrinks it)."""
         if guarded is not None:
             scores = scores.masked_fill(guarded[: scores.shape[1]], float("-inf"))
         banned = banned_by_ngram(generated, self.params.no_repeat_ngram)
         if banned:
             scores = scores.clone()
             scores[0, banned] = float("-inf")
-        scores = self.processors(seen.unsqueeze(0), scores)
+        return self.penalty(seen.unsqueeze(0), scores) if self.penalty is not None else scores
+
+    def candidates(self, estimate: torch.Tensor, radius: torch.Tensor, seen: torch.Tensor,
+                   generated: Sequence[int] = (), guarded: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The tokens `next_token` could pick when each logit is only known to lie within
+        estimate ± radius ([V] each): greedy, those that could score highest; sampling, also those
+        that could come within SAMPLING_MARGIN / temperature nats of it (any other has a probability
+        below e^-SAMPLING_MARGIN of the best's and gets 0). None when more than MAX_CANDIDATES (then
+        every logit is needed). Since a token's score only grows with its logit, the lowest scores
+        bound the best from below and the highest bound each token from above."""
+        low = self._penalized((estimate - radius).unsqueeze(0), seen, generated, guarded)[0]
+        high = self._penalized((estimate + radius).unsqueeze(0), seen, generated, guarded)[0]
+        floor = low.max()
+        if not self.greedy:
+            floor = floor - SAMPLING_MARGIN * self.params.temperature
+        tokens = torch.nonzero(high >= floor)[:, 0]
+        return tokens if 0 < tokens.shape[0] <= MAX_CANDIDATES else None
+
+    def next_token(self, logits: torch.Tensor, seen: torch.Tensor, generated: Sequence[int] = (),
+                   guarded: torch.Tensor | None = None) -> int:
+        """The token after `seen` (prompt and reply ids so far; the penalty applies to all of them)
+        given the last position's `logits`; `guarded` masks what the number guard rules out."""
+        scores = self._penalized(logits.float().unsqueeze(0), seen, generated, guarded)
+        scores = self.warpers(seen.unsqueeze(0), scores)
         if self.greedy:
             return int(torch.argmax(scores[0]))
         probs = torch.softmax(scores[0], dim=-1)

@@ -51,7 +51,8 @@ class CountingDecoder:
         cache.last = ids[-1]
         return self._logits(cache.last).unsqueeze(0)
 
-    def step(self, tokens: list[int], caches: list[FakeCache], adapters: list[str | None]) -> torch.Tensor:
+    def step(self, tokens: list[int], caches: list[FakeCache], adapters: list[str | None],
+             pick=None) -> torch.Tensor:  # computes every logit, as a decoder without screening does
         if self.gate is not None:
             self.gate.wait(5)
         self.rows_per_step.append(len(tokens))

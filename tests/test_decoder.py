@@ -48,6 +48,8 @@ def transformers_reply(engine: Engine, messages, adapter: str | None, params: Ge
 
 
 def test_greedy_matches_transformers_token_for_token(engine: Engine, exact_prefill: LeanDecoder) -> None:
+    # On the 4-bit kernel path decode steps compute only the logits the sampler may pick from.
+    assert exact_prefill.output.screen_weight is not None or not isinstance(exact_prefill.layers[0].qkv, FusedLinear)
     for adapter in (None, "alpha", "beta"):
         for messages in PROMPTS:
             assert engine.complete(messages, adapter, GREEDY) == transformers_reply(engine, messages, adapter, GREEDY)
@@ -99,9 +101,9 @@ def answer_together(engine: Engine, lean: LeanDecoder, adapters: list[str | None
     widest = []
     original_step = lean.step
 
-    def recording_step(tokens, caches, names):
+    def recording_step(tokens, caches, names, pick=None):
         widest.append(len(tokens))
-        return original_step(tokens, caches, names)
+        return original_step(tokens, caches, names, pick)
 
     def answer(i: int) -> None:
         results[i] = engine.complete(PROMPTS[1], adapters[i], GREEDY)
@@ -264,3 +266,28 @@ def test_the_output_layer_keeps_one_row_exact_and_splits_several(threads: int) -
     with _threads(threads):  # a several-row product's rounding depends on the thread count
         whole = hidden @ weight.t()
     assert plain.columns is None and torch.equal(plain(hidden), whole)
+
+
+def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly() -> None:
+    """The screen's radius holds every float32 logit; the picked tokens' logits are bit-equal to the
+    whole one-row product's, for a weight that starts off a 64-byte boundary too (as a loaded
+    model's may); a row whose pick returns None gets the whole product."""
+    from domainchat.decoder import OutputLayer
+
+    torch.manual_seed(0)
+    storage = torch.randn(49152 * 576 + 10) * 0.05
+    for offset in (0, 10):  # 10 floats: 40 bytes off the boundary, as the bundled model's embedding is
+        weight = storage[offset:offset + 49152 * 576].view(49152, 576)
+        output = OutputLayer(weight, 2, transposed=True)
+        assert output.screen_weight is not None, "gathered rows should multiply bit-equal on this CPU"
+        hidden = torch.randn(3, 576) * 2
+        whole = torch.cat([output(hidden[row:row + 1]) for row in range(3)])
+        estimate, radius = output.screen(hidden)
+        assert bool(((whole - estimate).abs() <= radius).all())
+        top = [lambda e, r: torch.topk(e, 5).indices.sort().values, None, lambda e, r: torch.arange(0, 49152, 7)]
+        logits = output(hidden, top)
+        for row in (0, 2):
+            picked = torch.isfinite(logits[row])
+            assert int(picked.sum()) == (5 if row == 0 else len(range(0, 49152, 7)))
+            assert torch.equal(logits[row][picked], whole[row][picked])
+        assert torch.allclose(logits[1], whole[1], atol=1e-5)  # the whole several-row product

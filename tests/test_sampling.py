@@ -66,3 +66,45 @@ def test_sampling_survives_logits_that_are_not_finite() -> None:
     everything_masked = torch.tensor([True, True, True, True])
     assert Sampler(params).next_token(torch.tensor([1.0, 2.0, 0.5, 0.0]), torch.tensor([0]),
                                       guarded=everything_masked) in range(4)
+
+
+def test_candidates_hold_the_token_greedy_would_pick_from_the_exact_logits() -> None:
+    """Whatever the exact logits within estimate ± radius, greedy's pick (after the masks and the
+    penalty) is among the candidates, and picking from them alone gives the same token."""
+    generator = torch.Generator().manual_seed(0)
+    params = GenerationParams(temperature=0.0, repetition_penalty=1.3, no_repeat_ngram=2)
+    seen, generated = torch.tensor([3, 9, 4, 3]), [4, 3, 9, 4]
+    for trial in range(200):
+        estimate = torch.randn(64, generator=generator) * 3
+        radius = torch.rand(64, generator=generator) * 0.5
+        exact = estimate + (torch.rand(64, generator=generator) * 2 - 1) * radius
+        guarded = torch.rand(64, generator=generator) < 0.1
+        sampler = Sampler(params)
+        tokens = sampler.candidates(estimate, radius, seen, generated, guarded)
+        assert tokens is not None
+        picked = sampler.next_token(exact, seen, generated, guarded)
+        assert picked in tokens.tolist(), f"trial {trial}"
+        only = torch.full((64,), float("-inf"))
+        only[tokens] = exact[tokens]
+        assert sampler.next_token(only, seen, generated, guarded) == picked
+
+
+def test_sampling_candidates_reach_margin_over_temperature_below_the_best() -> None:
+    from domainchat.sampling import SAMPLING_MARGIN
+
+    estimate = torch.tensor([10.0, 10.0 - SAMPLING_MARGIN * 0.25 + 0.1, 10.0 - SAMPLING_MARGIN * 0.25 - 0.1, -50.0])
+    radius = torch.zeros(4)
+    plain = dict(repetition_penalty=1.0, no_repeat_ngram=0)
+    greedy = Sampler(GenerationParams(temperature=0.0, **plain)).candidates(estimate, radius, torch.tensor([0]))
+    assert greedy is not None and greedy.tolist() == [0]
+    sampled = Sampler(GenerationParams(temperature=0.25, **plain)).candidates(estimate, radius, torch.tensor([0]))
+    assert sampled is not None and sampled.tolist() == [0, 1]  # token 2's probability is below e^-40 of token 0's
+
+
+def test_too_many_candidates_ask_for_every_logit() -> None:
+    from domainchat.sampling import MAX_CANDIDATES
+
+    flat = torch.zeros(MAX_CANDIDATES + 1)
+    sampler = Sampler(GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0))
+    assert sampler.candidates(flat, torch.zeros_like(flat), torch.tensor([0])) is None
+    assert sampler.candidates(flat[:MAX_CANDIDATES], torch.zeros(MAX_CANDIDATES), torch.tensor([0])) is not None
