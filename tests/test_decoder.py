@@ -291,3 +291,35 @@ def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly() -> No
             assert int(picked.sum()) == (5 if row == 0 else len(range(0, 49152, 7)))
             assert torch.equal(logits[row][picked], whole[row][picked])
         assert torch.allclose(logits[1], whole[1], atol=1e-5)  # the whole several-row product
+
+
+def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: LeanDecoder) -> None:
+    """csrc/lean_step.cpp makes the same ATen calls as the Python loop: hidden states and key/value
+    caches are bit-equal, one row or several with different adapters (and none), across steps."""
+    import shutil
+
+    from domainchat.decoder import _threads
+
+    if not isinstance(lean.layers[0].qkv, FusedLinear):
+        pytest.skip("the C++ loop serves bitsandbytes' 4-bit kernel path (AVX512-BF16)")
+    if lean.native is None:
+        compiler = shutil.which("c++") or shutil.which("g++")
+        assert compiler is None, f"a C++ compiler ({compiler}) is here but the layer loop was not built (see the log)"
+        pytest.skip("no C++ compiler: the layers run in Python")
+    ids = engine.encode(PROMPTS[1])[0].tolist()
+    native = lean.native
+    for adapters in (["alpha"], ["alpha", None, "beta", "alpha"]):
+        runs = []
+        for loop in (native, None):
+            lean.native = loop
+            caches = [lean.new_cache(len(ids) + 4) for _ in adapters]
+            with torch.inference_mode():
+                for cache, adapter in zip(caches, adapters, strict=True):
+                    lean.prefill(ids, cache, adapter)
+                with _threads(1):
+                    hidden = [lean._step_layers([token] * len(adapters), caches, adapters) for token in (42, 7, 1000)]
+            runs.append((hidden, [cache.keys[:, :, :cache.length] for cache in caches],
+                         [cache.values[:, :, :cache.length] for cache in caches]))
+        lean.native = native
+        for ours, theirs in zip(runs[0], runs[1], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), f"{adapters}"

@@ -1,0 +1,180 @@
+// One batched decode step of decoder.LeanDecoder's layers, in C++: the same ATen calls, in the same
+// order and shapes as LeanDecoder._step_layers_python (so the same kernels and the same bits), without
+// the Python interpreter between them. decoder.py builds it at start and falls back to the Python
+// loop when it cannot be compiled. It owns nothing: every tensor is the decoder's.
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+// bitsandbytes' nf4 x bfloat16 CPU kernel (libbitsandbytes_cpu): M, N, K, x, packed weight, absmax,
+// out, blocksize, x row stride, out row stride.
+using Gemv = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const void*, void*, int64_t,
+                      int64_t, int64_t);
+
+struct Linear4 {
+  Tensor packed;
+  Tensor absmax;
+  int64_t n;
+  int64_t k;
+  std::vector<int64_t> splits;
+};
+
+struct Stack {  // one fused matrix's LoRA for the rows of a batch (see LeanDecoder._stacks)
+  bool present = false;
+  Tensor a;                   // [rows, R, K]
+  std::vector<Tensor> b;      // each [rows, N_i, r_i]
+  std::vector<Tensor> scale;  // each [rows, 1, 1]
+  bool prescale = false;
+};
+
+class LeanStep {
+ public:
+  LeanStep(Tensor embed, Tensor final_norm, std::vector<Tensor> input_norms, std::vector<Tensor> post_norms,
+           std::vector<Tensor> packed, std::vector<Tensor> absmax, std::vector<std::vector<int64_t>> shapes,
+           std::vector<std::vector<int64_t>> splits, int64_t blocksize, int64_t gemv_address, int64_t heads,
+           int64_t kv_heads, int64_t head_dim, double scaling, double eps, Tensor cos, Tensor sin)
+      : embed_(std::move(embed)),
+        final_norm_(std::move(final_norm)),
+        input_norms_(std::move(input_norms)),
+        post_norms_(std::move(post_norms)),
+        blocksize_(blocksize),
+        gemv_(reinterpret_cast<Gemv>(gemv_address)),
+        heads_(heads),
+        kv_heads_(kv_heads),
+        head_dim_(head_dim),
+        scaling_(scaling),
+        eps_(eps),
+        cos_(std::move(cos)),
+        sin_(std::move(sin)) {
+    TORCH_CHECK(packed.size() == absmax.size() && packed.size() == shapes.size() && packed.size() == splits.size(),
+                "one packed weight, absmax, shape and split list per matrix");
+    TORCH_CHECK(packed.size() == 4 * input_norms_.size(), "four matrices per layer");
+    for (size_t i = 0; i < packed.size(); ++i) {
+      linears_.push_back(Linear4{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
+    }
+    stacks_.resize(packed.size());
+  }
+
+  // The rows' LoRA stacks, four per layer (qkv, o, gate_up, down); `a` undefined where none.
+  void set_stacks(std::vector<std::optional<Tensor>> a, std::vector<std::vector<Tensor>> b,
+                  std::vector<std::vector<Tensor>> scale, std::vector<bool> prescale) {
+    TORCH_CHECK(a.size() == stacks_.size(), "one stack per matrix");
+    for (size_t i = 0; i < stacks_.size(); ++i) {
+      Stack s;
+      s.present = a[i].has_value();
+      if (s.present) {
+        s.a = *a[i];
+        s.b = b[i];
+        s.scale = scale[i];
+        s.prescale = prescale[i];
+      }
+      stacks_[i] = std::move(s);
+    }
+  }
+
+  // Final-normed hidden states [rows, H] after one new token per row; writes each row's key and
+  // value at position lengths[row] of its cache (the caller advances the lengths).
+  Tensor step(const Tensor& tokens, const Tensor& positions, const std::vector<Tensor>& keys,
+              const std::vector<Tensor>& values, const std::vector<int64_t>& lengths) {
+    const int64_t rows = tokens.size(0);
+    Tensor cos = cos_.index({positions}).unsqueeze(1);
+    Tensor sin = sin_.index({positions}).unsqueeze(1);
+    Tensor h = embed_.index({tokens});
+    const int64_t layers = static_cast<int64_t>(input_norms_.size());
+    for (int64_t index = 0; index < layers; ++index) {
+      const Linear4& qkv_w = linears_[4 * index];
+      const Linear4& o_w = linears_[4 * index + 1];
+      const Linear4& gate_up_w = linears_[4 * index + 2];
+      const Linear4& down_w = linears_[4 * index + 3];
+      Tensor x = norm(h, input_norms_[index]);
+      auto qkv = add_lora_rows(gemv(x, qkv_w), x, stacks_[4 * index]).split_with_sizes(qkv_w.splits, -1);
+      Tensor q = rotate(qkv[0].view({rows, heads_, head_dim_}), cos, sin);
+      Tensor k = rotate(qkv[1].view({rows, kv_heads_, head_dim_}), cos, sin);
+      Tensor v = qkv[2].view({rows, kv_heads_, head_dim_});
+      std::vector<Tensor> attended;
+      attended.reserve(rows);
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t length = lengths[row];
+        Tensor layer_keys = keys[row].select(0, index);
+        Tensor layer_values = values[row].select(0, index);
+        layer_keys.select(1, length).copy_(k.select(0, row));
+        layer_values.select(1, length).copy_(v.select(0, row));
+        attended.push_back(at::scaled_dot_product_attention(
+                               q.select(0, row).unsqueeze(0).unsqueeze(2),
+                               layer_keys.slice(1, 0, length + 1).unsqueeze(0),
+                               layer_values.slice(1, 0, length + 1).unsqueeze(0), std::nullopt, 0.0, false,
+                               scaling_, true)
+                               .reshape({1, -1}));
+      }
+      Tensor joined = at::cat(attended);
+      h.add_(add_lora_rows(gemv(joined, o_w), joined, stacks_[4 * index + 1]));
+      x = norm(h, post_norms_[index]);
+      auto gate_up = add_lora_rows(gemv(x, gate_up_w), x, stacks_[4 * index + 2]).split_with_sizes(
+          gate_up_w.splits, -1);
+      Tensor act = at::silu(gate_up[0]) * gate_up[1];
+      h.add_(add_lora_rows(gemv(act, down_w), act, stacks_[4 * index + 3]));
+    }
+    return norm(h, final_norm_);
+  }
+
+ private:
+  Tensor norm(const Tensor& h, const Tensor& weight) const {
+    return weight * (h * at::rsqrt(h.pow(2).mean(-1, true) + eps_));
+  }
+
+  static Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+    const int64_t half = x.size(-1) / 2;
+    return x * cos + at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1) * sin;
+  }
+
+  Tensor gemv(const Tensor& x, const Linear4& w) const {
+    Tensor rows = x.to(at::kBFloat16).contiguous();
+    Tensor out = at::empty({rows.size(0), w.n}, rows.options());
+    gemv_(rows.size(0), w.n, w.k, rows.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(), out.data_ptr(),
+          blocksize_, rows.stride(0), out.stride(0));
+    return out.to(at::kFloat);
+  }
+
+  static Tensor add_lora_rows(Tensor out, const Tensor& x, const Stack& stack) {
+    if (!stack.present) return out;
+    Tensor h = at::bmm(x.unsqueeze(1), stack.a.transpose(1, 2));
+    int64_t rank_start = 0, column = 0;
+    for (size_t i = 0; i < stack.b.size(); ++i) {
+      const Tensor& b = stack.b[i];
+      const int64_t rank = b.size(2), width = b.size(1);
+      Tensor part = h.slice(2, rank_start, rank_start + rank);
+      Tensor delta = stack.prescale ? at::bmm(part * stack.scale[i], b.transpose(1, 2))
+                                    : at::bmm(part, b.transpose(1, 2)) * stack.scale[i];
+      out.slice(1, column, column + width).add_(delta.squeeze(1));
+      rank_start += rank;
+      column += width;
+    }
+    return out;
+  }
+
+  Tensor embed_, final_norm_;
+  std::vector<Tensor> input_norms_, post_norms_;
+  std::vector<Linear4> linears_;
+  std::vector<Stack> stacks_;
+  int64_t blocksize_;
+  Gemv gemv_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double scaling_, eps_;
+  Tensor cos_, sin_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<LeanStep>(m, "LeanStep")
+      .def(py::init<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                    std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, int64_t, int64_t, int64_t,
+                    int64_t, int64_t, double, double, Tensor, Tensor>())
+      .def("set_stacks", &LeanStep::set_stacks)
+      .def("step", &LeanStep::step, py::call_guard<py::gil_scoped_release>());
+}
