@@ -295,7 +295,8 @@ def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly() -> No
 
 def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: LeanDecoder) -> None:
     """csrc/lean_step.cpp makes the same ATen calls as the Python loop: hidden states and key/value
-    caches are bit-equal, one row or several with different adapters (and none), across steps."""
+    caches are bit-equal, one row or several with different adapters (and none), across steps, with
+    a batch's rows split over two threads (odd counts too) or not."""
     import shutil
 
     from domainchat.decoder import _threads
@@ -308,10 +309,12 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
         pytest.skip("no C++ compiler: the layers run in Python")
     ids = engine.encode(PROMPTS[1])[0].tolist()
     native = lean.native
-    for adapters in (["alpha"], ["alpha", None, "beta", "alpha"]):
+    threads = lean.threads
+    for adapters, split in ((["alpha"], 2), (["alpha", None, "beta", "alpha"], 2), (["beta", None, "alpha"], 2),
+                            (["alpha", "beta"], 1)):
         runs = []
         for loop in (native, None):
-            lean.native = loop
+            lean.native, lean.threads = loop, split
             caches = [lean.new_cache(len(ids) + 4) for _ in adapters]
             with torch.inference_mode():
                 for cache, adapter in zip(caches, adapters, strict=True):
@@ -320,6 +323,6 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
                     hidden = [lean._step_layers([token] * len(adapters), caches, adapters) for token in (42, 7, 1000)]
             runs.append((hidden, [cache.keys[:, :, :cache.length] for cache in caches],
                          [cache.values[:, :, :cache.length] for cache in caches]))
-        lean.native = native
+        lean.native, lean.threads = native, threads
         for ours, theirs in zip(runs[0], runs[1], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), f"{adapters}"

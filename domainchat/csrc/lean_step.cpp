@@ -1,10 +1,13 @@
 // One batched decode step of decoder.LeanDecoder's layers, in C++: the same ATen calls, in the same
 // order and shapes as LeanDecoder._step_layers_python (so the same kernels and the same bits), without
-// the Python interpreter between them. decoder.py builds it at start and falls back to the Python
-// loop when it cannot be compiled. It owns nothing: every tensor is the decoder's.
+// the Python interpreter between them, and with a batch's rows in two halves on two threads (a row's
+// arithmetic never depends on the other rows of its call). decoder.py builds it at start and falls
+// back to the Python loop when it cannot be compiled. It owns nothing: every tensor is the decoder's.
 #include <torch/extension.h>
 
+#include <exception>
 #include <optional>
+#include <thread>
 #include <vector>
 
 using at::Tensor;
@@ -78,9 +81,50 @@ class LeanStep {
   }
 
   // Final-normed hidden states [rows, H] after one new token per row; writes each row's key and
-  // value at position lengths[row] of its cache (the caller advances the lengths).
+  // value at position lengths[row] of its cache (the caller advances the lengths). With `split`
+  // and two rows or more, the rows' second half runs on a second thread: rows never mix, and each
+  // kernel computes a row alike whatever other rows share its call.
   Tensor step(const Tensor& tokens, const Tensor& positions, const std::vector<Tensor>& keys,
-              const std::vector<Tensor>& values, const std::vector<int64_t>& lengths) {
+              const std::vector<Tensor>& values, const std::vector<int64_t>& lengths, bool split) {
+    const int64_t rows = tokens.size(0);
+    if (!split || rows < 2) return step_rows(tokens, positions, keys, values, lengths, 0);
+    const int64_t half = (rows + 1) / 2;
+    const bool inference = c10::InferenceMode::is_enabled();
+    const bool grad = at::GradMode::is_enabled();
+    Tensor second;
+    std::exception_ptr failure;
+    std::thread worker([&] {
+      try {
+        c10::InferenceMode inference_guard(inference);
+        at::AutoGradMode grad_guard(grad);
+        at::set_num_threads(1);
+        second = step_rows(tokens.slice(0, half), positions.slice(0, half),
+                           std::vector<Tensor>(keys.begin() + half, keys.end()),
+                           std::vector<Tensor>(values.begin() + half, values.end()),
+                           std::vector<int64_t>(lengths.begin() + half, lengths.end()), half);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    });
+    Tensor first;
+    try {
+      first = step_rows(tokens.slice(0, 0, half), positions.slice(0, 0, half),
+                        std::vector<Tensor>(keys.begin(), keys.begin() + half),
+                        std::vector<Tensor>(values.begin(), values.begin() + half),
+                        std::vector<int64_t>(lengths.begin(), lengths.begin() + half), 0);
+    } catch (...) {
+      worker.join();
+      throw;
+    }
+    worker.join();
+    if (failure) std::rethrow_exception(failure);
+    return at::cat({first, second});
+  }
+
+ private:
+  // Rows [first_row, first_row + tokens.size(0)) of the batch whose LoRA stacks were set.
+  Tensor step_rows(const Tensor& tokens, const Tensor& positions, const std::vector<Tensor>& keys,
+                   const std::vector<Tensor>& values, const std::vector<int64_t>& lengths, int64_t first_row) {
     const int64_t rows = tokens.size(0);
     Tensor cos = cos_.index({positions}).unsqueeze(1);
     Tensor sin = sin_.index({positions}).unsqueeze(1);
@@ -92,7 +136,7 @@ class LeanStep {
       const Linear4& gate_up_w = linears_[4 * index + 2];
       const Linear4& down_w = linears_[4 * index + 3];
       Tensor x = norm(h, input_norms_[index]);
-      auto qkv = add_lora_rows(gemv(x, qkv_w), x, stacks_[4 * index]).split_with_sizes(qkv_w.splits, -1);
+      auto qkv = add_lora_rows(gemv(x, qkv_w), x, stacks_[4 * index], first_row).split_with_sizes(qkv_w.splits, -1);
       Tensor q = rotate(qkv[0].view({rows, heads_, head_dim_}), cos, sin);
       Tensor k = rotate(qkv[1].view({rows, kv_heads_, head_dim_}), cos, sin);
       Tensor v = qkv[2].view({rows, kv_heads_, head_dim_});
@@ -112,17 +156,16 @@ class LeanStep {
                                .reshape({1, -1}));
       }
       Tensor joined = at::cat(attended);
-      h.add_(add_lora_rows(gemv(joined, o_w), joined, stacks_[4 * index + 1]));
+      h.add_(add_lora_rows(gemv(joined, o_w), joined, stacks_[4 * index + 1], first_row));
       x = norm(h, post_norms_[index]);
-      auto gate_up = add_lora_rows(gemv(x, gate_up_w), x, stacks_[4 * index + 2]).split_with_sizes(
+      auto gate_up = add_lora_rows(gemv(x, gate_up_w), x, stacks_[4 * index + 2], first_row).split_with_sizes(
           gate_up_w.splits, -1);
       Tensor act = at::silu(gate_up[0]) * gate_up[1];
-      h.add_(add_lora_rows(gemv(act, down_w), act, stacks_[4 * index + 3]));
+      h.add_(add_lora_rows(gemv(act, down_w), act, stacks_[4 * index + 3], first_row));
     }
     return norm(h, final_norm_);
   }
 
- private:
   Tensor norm(const Tensor& h, const Tensor& weight) const {
     return weight * (h * at::rsqrt(h.pow(2).mean(-1, true) + eps_));
   }
@@ -140,16 +183,20 @@ class LeanStep {
     return out.to(at::kFloat);
   }
 
-  static Tensor add_lora_rows(Tensor out, const Tensor& x, const Stack& stack) {
+  // The stacks hold every row of the batch; `first_row` and x's rows say which are computed here.
+  static Tensor add_lora_rows(Tensor out, const Tensor& x, const Stack& stack, int64_t first_row) {
     if (!stack.present) return out;
-    Tensor h = at::bmm(x.unsqueeze(1), stack.a.transpose(1, 2));
+    const int64_t rows = x.size(0);
+    auto mine = [&](const Tensor& t) { return t.size(0) == 1 ? t : t.slice(0, first_row, first_row + rows); };
+    Tensor h = at::bmm(x.unsqueeze(1), mine(stack.a).transpose(1, 2));
     int64_t rank_start = 0, column = 0;
     for (size_t i = 0; i < stack.b.size(); ++i) {
-      const Tensor& b = stack.b[i];
+      const Tensor b = mine(stack.b[i]);
+      const Tensor scale = mine(stack.scale[i]);
       const int64_t rank = b.size(2), width = b.size(1);
       Tensor part = h.slice(2, rank_start, rank_start + rank);
-      Tensor delta = stack.prescale ? at::bmm(part * stack.scale[i], b.transpose(1, 2))
-                                    : at::bmm(part, b.transpose(1, 2)) * stack.scale[i];
+      Tensor delta = stack.prescale ? at::bmm(part * scale, b.transpose(1, 2))
+                                    : at::bmm(part, b.transpose(1, 2)) * scale;
       out.slice(1, column, column + width).add_(delta.squeeze(1));
       rank_start += rank;
       column += width;
