@@ -57,15 +57,18 @@ class Sampler:
 
     def _penalized(self, scores: torch.Tensor, seen: torch.Tensor, generated: Sequence[int],
                    guarded: torch.Tensor | None) -> torch.Tensor:
-        """Scores [1, V] with the masks and the repetition penalty applied: each token's score is a
-        non-decreasing function of its logit alone (a mask gives -inf, the penalty shrinks it)."""
+        """Scores [n, V] (n rows of candidate logits for the same request) with the masks and the
+        repetition penalty applied: each token's score is a non-decreasing function of its logit
+        alone (a mask gives -inf, the penalty shrinks it)."""
         if guarded is not None:
             scores = scores.masked_fill(guarded[: scores.shape[1]], float("-inf"))
         banned = banned_by_ngram(generated, self.params.no_repeat_ngram)
         if banned:
             scores = scores.clone()
-            scores[0, banned] = float("-inf")
-        return self.penalty(seen.unsqueeze(0), scores) if self.penalty is not None else scores
+            scores[:, banned] = float("-inf")
+        if self.penalty is None:
+            return scores
+        return self.penalty(seen.unsqueeze(0).expand(scores.shape[0], -1), scores)
 
     def candidates(self, estimate: torch.Tensor, radius: torch.Tensor, seen: torch.Tensor,
                    generated: Sequence[int] = (), guarded: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -75,8 +78,7 @@ class Sampler:
         below e^-SAMPLING_MARGIN of the best's and gets 0). None when more than MAX_CANDIDATES (then
         every logit is needed). Since a token's score only grows with its logit, the lowest scores
         bound the best from below and the highest bound each token from above."""
-        low = self._penalized((estimate - radius).unsqueeze(0), seen, generated, guarded)[0]
-        high = self._penalized((estimate + radius).unsqueeze(0), seen, generated, guarded)[0]
+        low, high = self._penalized(torch.stack([estimate - radius, estimate + radius]), seen, generated, guarded)
         floor = low.max()
         if not self.greedy:
             floor = floor - SAMPLING_MARGIN * self.params.temperature
