@@ -225,6 +225,7 @@ class OutputLayer:
     weight before screening is used), and every other token gets -inf."""
 
     def __init__(self, weight: torch.Tensor, threads: int, transposed: bool) -> None:
+        weight = weight.detach()  # a model without adapters leaves its weights trainable; same storage
         self.weight = weight
         self.threads = threads
         self.columns = tuple(s.t().contiguous() for s in weight.tensor_split(threads)) if transposed else None

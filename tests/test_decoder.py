@@ -271,17 +271,18 @@ def test_the_output_layer_keeps_one_row_exact_and_splits_several(threads: int) -
 def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly() -> None:
     """The screen's radius holds every float32 logit; the picked tokens' logits are bit-equal to the
     whole one-row product's, for a weight that starts off a 64-byte boundary too (as a loaded
-    model's may); a row whose pick returns None gets the whole product."""
+    model's may) and for a trainable one (a model without adapters); a row whose pick returns None
+    gets the whole product."""
     from domainchat.decoder import OutputLayer
 
     torch.manual_seed(0)
     storage = torch.randn(49152 * 576 + 10) * 0.05
     for offset in (0, 10):  # 10 floats: 40 bytes off the boundary, as the bundled model's embedding is
-        weight = storage[offset:offset + 49152 * 576].view(49152, 576)
+        weight = torch.nn.Parameter(storage[offset:offset + 49152 * 576].view(49152, 576))
         output = OutputLayer(weight, 2, transposed=True)
         assert output.screen_weight is not None, "gathered rows should multiply bit-equal on this CPU"
         hidden = torch.randn(3, 576) * 2
-        whole = torch.cat([output(hidden[row:row + 1]) for row in range(3)])
+        whole = torch.cat([output(hidden[row:row + 1]) for row in range(3)]).detach()
         estimate, radius = output.screen(hidden)
         assert bool(((whole - estimate).abs() <= radius).all())
         top = [lambda e, r: torch.topk(e, 5).indices.sort().values, None, lambda e, r: torch.arange(0, 49152, 7)]
