@@ -331,3 +331,21 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
         lean.native, lean.threads = native, threads
         for ours, theirs in zip(runs[0], runs[1], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), f"{adapters}"
+
+
+def test_a_cpp_build_that_fails_leaves_the_python_loop(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """No compiler, no ninja, no headers: the build's error is logged and the decoder steps in Python."""
+    import logging
+
+    import torch.utils.cpp_extension
+
+    from domainchat.decoder import _native_step_module
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.INFO, logger="domainchat.decoder"):
+        assert _native_step_module() is None
+    assert "Ninja is required" in caplog.text and "run in Python" in caplog.text
