@@ -34,6 +34,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -73,13 +75,23 @@ def _native_step_module():
     """The decode step's layer loop compiled from csrc/lean_step.cpp (once per machine: torch caches
     the build under TORCH_EXTENSIONS_DIR, ~40 s the first time), or None, with the reason logged, where
     it cannot be built (no C++ compiler, no ninja); the layers then run in Python, to the same bits."""
+    path = os.environ.get("PATH")
     try:
         from torch.utils.cpp_extension import load
 
+        if shutil.which("ninja") is None:  # torch runs `ninja` from PATH; pip's may not be on it (a venv not activated)
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path or ""])
         return load("domainchat_lean_step", [str(NATIVE_STEP_SOURCE)], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # any build failure leaves the Python loop in charge
         log.info("lean decoder's C++ layer loop unavailable (%s); its layers run in Python", exc)
         return None
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 def _power_of_two(scale: float) -> bool:

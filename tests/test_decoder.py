@@ -349,3 +349,26 @@ def test_a_cpp_build_that_fails_leaves_the_python_loop(monkeypatch: pytest.Monke
     with caplog.at_level(logging.INFO, logger="domainchat.decoder"):
         assert _native_step_module() is None
     assert "Ninja is required" in caplog.text and "run in Python" in caplog.text
+
+
+def test_the_cpp_build_finds_pips_ninja_when_it_is_not_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch runs `ninja` from PATH; where pip's is not on it (a virtual environment not activated),
+    the build gets its folder first on PATH, and PATH is as it was afterwards."""
+    import os
+
+    import ninja
+    import torch.utils.cpp_extension
+
+    from domainchat import decoder
+
+    seen: list[str] = []
+
+    def load(*args, **kwargs):
+        seen.append(os.environ["PATH"])
+        return "built"
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    monkeypatch.setattr(decoder.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    assert decoder._native_step_module() == "built"
+    assert seen == [os.pathsep.join([ninja.BIN_DIR, "/nowhere"])] and os.environ["PATH"] == "/nowhere"
