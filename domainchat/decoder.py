@@ -5,7 +5,8 @@ matrix calls instead of seven), every adapter's LoRA matrices stacked so that ea
 can use its own adapter, per-sequence key/value caches, prefill and batched one-token decode
 steps. Where the CPU has AVX512-BF16, bitsandbytes repacks nf4 weights into its CPU tile layout and
 the decoder uses its 4-bit kernel for decode steps and bfloat16 copies for prefill (FusedLinear);
-elsewhere (AVX2) it keeps float32 copies of the dequantized weights (DequantizedLinear).
+elsewhere (AVX2) it keeps float32 copies of the dequantized weights (DequantizedLinear). The
+logits' product is output_layer.py's.
 
 Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
 calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching
@@ -36,13 +37,13 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from domainchat.output_layer import OutputLayer, Pick, intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 CACHE_GROWTH = 128  # positions added to a full key/value cache (~6 MB for the 135M model)
 BNB_CPU_BLOCK_N = 32  # rows per tile in bitsandbytes' CPU packing; fused matrices must keep it
-EXACT_ROWS = 64  # the output layer's exact rows are gathered in multiples of this (OutputLayer)
-ALIGNMENT = 64  # bytes; torch's CPU allocations start on this boundary, a loaded weight may not
-EXACT_SLACK = 1e-5  # added to every screening radius: denormals flushed by the bfloat16 kernel, and margin
 
 
 def _native_gemv():
@@ -99,19 +97,6 @@ def _power_of_two(scale: float) -> bool:
     instead of to the output after it (peft's order) without changing a bit (alpha = 2r, the usual
     choice, gives 2.0). Measured: the output-sized multiply was 1/8 of a 700-token prefill."""
     return scale == 0.0 or math.frexp(scale)[0] == 0.5
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    """Run a block on `count` intra-op threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
 
 
 def _unpack_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -201,130 +186,6 @@ class DequantizedLinear:
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight)
-
-
-
-Pick = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
-
-
-class OutputLayer:
-    """The output layer's product: final hidden states times the tied embedding ([V, H] float32,
-    49,152 x 576 for the 135M model), the largest single product of a decode step.
-
-    One row is multiplied as transformers does, on all intra-op threads, so its logits stay
-    bit-equal to transformers' (splitting it by vocabulary over threads kept the bits but saved
-    nothing in a decode step: 28.9 vs 29.0 ms, measured). Several rows (a batch of conversations)
-    are where the [V, H] layout is slow: the BLAS took 24.5 ms for 2 rows and 33 ms for 3 against
-    10 ms for one. For them the decoder keeps transposed copies of the weight ([H, V/threads], one
-    slice a thread, contiguous) and multiplies the slices on parallel threads: decode steps of 2, 3
-    and 4 rows went from 43.9 / 58.3 / 46.5 ms to 27.8 / 33.9 / 39.8 ms on 2 cores (A/B in one
-    process, docs/bench.md). Like every several-row product the logits agree with the one-row product to ~1e-6.
-    The copies cost 4 bytes a weight (113 MB for the 135M model), so they are made only on the
-    4-bit kernel path: on AVX2 the decoder's float32 layer copies already take the serving peak to
-    the edge of its 1.5 GB target, and there the whole product is used for any number of rows.
-
-    Screening (`pick`): most of the vocabulary cannot be the next token, and reading all of the
-    float32 weight for it is most of the product's time (it reads 113 MB: ~9.5 ms a row). With a
-    bfloat16 copy (56 MB, also on the 4-bit kernel path only) the product is estimated for every
-    token in ~3.3 ms (3.5 for four rows), each estimate with a radius that provably holds the
-    float32 logit (Cauchy-Schwarz over the rounding of the weight and of the hidden state, plus
-    float32 accumulation and the bfloat16 output's rounding). The caller's `pick` says, from
-    estimates and radii, which tokens it could choose (sampling.Sampler.candidates); those alone
-    are multiplied in float32, as entries of the one-row product, bit-equal to it (the rows are
-    gathered in multiples of EXACT_ROWS and as far from a 64-byte boundary as the weight's rows: the
-    BLAS sums a matrix's last rows in another order when their count is not a multiple of 8, and
-    rows that start elsewhere too, measured; `_exact_rows_agree` checks it on this CPU and this
-    weight before screening is used), and every other token gets -inf."""
-
-    def __init__(self, weight: torch.Tensor, threads: int, transposed: bool) -> None:
-        weight = weight.detach()  # a model without adapters leaves its weights trainable; same storage
-        self.weight = weight
-        self.threads = threads
-        self.columns = tuple(s.t().contiguous() for s in weight.tensor_split(threads)) if transposed else None
-        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="output-layer") if threads > 1 else None
-        self.screen_weight: torch.Tensor | None = None
-        if transposed:
-            self.screen_weight = weight.to(torch.bfloat16)
-            rounded = self.screen_weight.float()
-            self._weight_error = (weight - rounded).norm(dim=1)  # ||w_i - bf16(w_i)|| per token
-            self._weight_norm = torch.maximum(weight.norm(dim=1), rounded.norm(dim=1))
-            if not self._exact_rows_agree():
-                log.info("output layer screening off: gathered rows do not multiply bit-equal on this CPU")
-                self.screen_weight = None
-
-    def __call__(self, hidden: torch.Tensor, pick: Sequence[Pick | None] | None = None) -> torch.Tensor:
-        """Logits [rows, V] of final hidden states [rows, H]. With `pick` (one per row, or None for a
-        row that needs every logit) and screening on, a row whose pick returns token ids gets their
-        exact logits and -inf elsewhere; a pick that returns None gets the whole row."""
-        if pick is None or self.screen_weight is None or not any(pick):
-            return self._whole(hidden)
-        estimate, radius = self.screen(hidden)
-        logits = torch.full((hidden.shape[0], self.weight.shape[0]), float("-inf"))
-        whole_rows = []
-        for row, choose in enumerate(pick):
-            tokens = choose(estimate[row], radius[row]) if choose is not None else None
-            if tokens is None:
-                whole_rows.append(row)
-            else:
-                logits[row, tokens] = self.exact(hidden[row], tokens)
-        if whole_rows:
-            logits[whole_rows] = self._whole(hidden[whole_rows])
-        return logits
-
-    def _whole(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] == 1 or self.columns is None:
-            with _threads(self.threads):
-                return hidden @ self.weight.t()
-        with _threads(1):  # one slice per thread
-            if self._pool is None:
-                return hidden @ self.columns[0]
-            others = [self._pool.submit(torch.matmul, hidden, c) for c in self.columns[1:]]
-            return torch.cat([hidden @ self.columns[0]] + [other.result() for other in others], dim=1)
-
-    def screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(estimate, radius), each [rows, V]: the float32 logit of every token lies within
-        estimate ± radius."""
-        assert self.screen_weight is not None
-        rounded = hidden.to(torch.bfloat16)
-        with _threads(self.threads):
-            estimate = (rounded @ self.screen_weight.t()).float()
-        norm = hidden.norm(dim=1, keepdim=True)
-        # |h.w - h'.w'| <= |h| |w - w'| + |h - h'| |w'|; both float32 dot products of K terms are off
-        # by at most K 2^-24 |h| |w| each; bfloat16 output rounding by 2^-8 of the value (2^-7 kept).
-        accumulation = hidden.shape[1] * 2.0 ** -24 * 2.0 * (norm + rounded.float().norm(dim=1, keepdim=True))
-        weight_scale = (hidden - rounded.float()).norm(dim=1, keepdim=True) + accumulation
-        radius = norm * self._weight_error + weight_scale * self._weight_norm
-        radius.add_(estimate.abs(), alpha=2.0 ** -7).add_(EXACT_SLACK)
-        return estimate, radius
-
-    def exact(self, hidden_row: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The one-row product's logits of `tokens` (1-d ids), bit-equal to those entries of it."""
-        count, width = int(tokens.shape[0]), self.weight.shape[1]
-        padded = -(-count // EXACT_ROWS) * EXACT_ROWS
-        rows = tokens if padded == count else torch.cat([tokens, tokens[:1].expand(padded - count)])
-        # The gathered rows start as far from a 64-byte boundary as the weight's do (a row of 576
-        # floats keeps its start's offset), so that the BLAS takes the same path through each.
-        offset = self.weight.data_ptr() % ALIGNMENT // self.weight.element_size()
-        gathered = torch.empty(padded * width + ALIGNMENT)[offset:offset + padded * width].view(padded, width)
-        torch.index_select(self.weight, 0, rows, out=gathered)
-        with _threads(self.threads):
-            return (hidden_row.unsqueeze(0) @ gathered.t())[0, :count]
-
-    def _exact_rows_agree(self, trials: int = 6) -> bool:
-        """Whether gathered rows multiply bit-equal to the whole one-row product here (their count
-        and position varied, up to the most a pick may ask for)."""
-        generator = torch.Generator().manual_seed(0)
-        vocab = self.weight.shape[0]
-        scale = float(self._weight_norm.median()) or 1.0
-        for trial in range(trials):
-            hidden = torch.randn(1, self.weight.shape[1], generator=generator) * (50.0 / scale)
-            with _threads(self.threads):
-                whole = (hidden @ self.weight.t())[0]
-            count = (1, 7, 13, 64, 333, vocab // 8)[trial % 6]
-            tokens = torch.randperm(vocab, generator=generator)[:count]
-            if not torch.equal(self.exact(hidden[0], tokens), whole[tokens]):
-                return False
-        return True
 
 
 Linear = FusedLinear | DequantizedLinear
@@ -584,7 +445,7 @@ class LeanDecoder:
         return adapter is None or adapter in self.loras
 
     def _prefill_linear(self, x: torch.Tensor, fused: FusedLinear, group: LoraGroup | None) -> torch.Tensor:
-        with _threads(self.threads):
+        with intra_op_threads(self.threads):
             base = fused.dense(x) if self.prefill_kernel == "dense" else fused.gemv(x)
         return self._add_lora_one(base, x, group)
 
@@ -595,7 +456,7 @@ class LeanDecoder:
         # batcher's), OpenMP counts more threads than cores and stops spinning between parallel
         # regions, so each short element-wise region waits on a wake-up (an add over 128 x 576:
         # 5 us in the main thread, 20-60 us in another; 8 us there on one thread, measured).
-        with _threads(1):
+        with intra_op_threads(1):
             return self._prefill(ids, cache, adapter)
 
     def _prefill(self, ids: Sequence[int], cache: KVCache, adapter: str | None) -> torch.Tensor:
@@ -623,7 +484,7 @@ class LeanDecoder:
             cache.keys[index, :, start:start + m] = k
             cache.values[index, :, start:start + m] = v.view(m, self.kv_heads, self.head_dim).transpose(0, 1)
             queries = q if padding is None else torch.cat([padding, q], dim=1)
-            with _threads(self.threads):
+            with intra_op_threads(self.threads):
                 attended = torch.nn.functional.scaled_dot_product_attention(
                     queries.unsqueeze(0), cache.keys[index, :, :start + m].unsqueeze(0),
                     cache.values[index, :, :start + m].unsqueeze(0), attn_mask=mask, is_causal=mask is None,
@@ -641,7 +502,7 @@ class LeanDecoder:
              pick: Sequence[Pick | None] | None = None) -> torch.Tensor:
         """One new token for each of several sequences at once; returns logits [rows, V] (with
         `pick`, only those of the tokens each row may choose: see OutputLayer)."""
-        with _threads(1):
+        with intra_op_threads(1):
             hidden = self._step_layers(tokens, caches, adapters)
         return self.output(hidden, pick)
 
