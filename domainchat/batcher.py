@@ -13,7 +13,7 @@ depending on whether others were answering when it arrived, as in servers withou
 kernels; always chunking would make it independent of load at +45-65 % prefill time (0.93-0.96
 -> 1.39-1.55 s for 700 tokens on 2 cores, measured). A prompt shorter than a chunk is prefilled
 alike either way. A decode step asks the decoder only for the logits each row's sampler could pick
-(`Sampler.candidates`, decoder.OutputLayer).
+(`Sampler.candidates`, output_layer.OutputLayer).
 Also owns `PrefixCache`, which the transformers path in engine.py uses too. It knows nothing about
 chat messages, templates or domains: a request is token ids, an adapter name and a sampler.
 """

@@ -4,7 +4,7 @@ Owns the per-request `Sampler`: transformers' own logits processors for the repe
 temperature and top-p, plus two masks transformers does not have — a no-repeat-n-gram rule that
 looks at the reply only (so quoting a passage stays possible) and the number guard's mask, handed
 in by the caller. `candidates` tells a decoder that can estimate logits cheaply which tokens need
-exact ones (decoder.OutputLayer). It knows nothing about models, adapters or batching.
+exact ones (output_layer.OutputLayer). It knows nothing about models, adapters or batching.
 """
 
 from __future__ import annotations
