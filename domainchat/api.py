@@ -12,11 +12,12 @@ retrieval or prompts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from domainchat.chat import Assistant, Done, Token, Transcript, drain
 from domainchat.errors import BadInput, Busy, DomainchatError, ModelUnavailable, TooLarge, UnknownDomain
@@ -83,18 +85,31 @@ def _status_for(exc: DomainchatError) -> tuple[int, str, str]:
     return 500, "server_error", "internal"
 
 
+class RequireKey:
+    """Answers 401 to a /v1/ request without `Authorization: Bearer <api_key>`. Plain ASGI rather than
+    `@app.middleware("http")`, whose BaseHTTPMiddleware relays every chunk of a stream through
+    another task and memory stream: per token, under four streams, on the cores that decode."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+                response = error_response(401, "Missing or wrong API key: send 'Authorization: Bearer "
+                                          "<DOMAINCHAT_API_KEY>'.", "invalid_request_error", "invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def mount_api(app: FastAPI, assistant: Assistant) -> FastAPI:
     admission = assistant.admission
     api_key = assistant.settings.api_key
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401,
-                                      "Missing or wrong API key: send 'Authorization: Bearer <DOMAINCHAT_API_KEY>'.",
-                                      "invalid_request_error", "invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -139,7 +154,8 @@ def mount_api(app: FastAPI, assistant: Assistant) -> FastAPI:
                 admission.leave()
 
         if body.stream:
-            return StreamingResponse(_sse(run(), completion_id, created, model), media_type="text/event-stream")
+            return StreamingResponse(_relay(_sse(run(), completion_id, created, model), cancel),
+                                     media_type="text/event-stream")
         try:
             result = _collect(run())
         except DomainchatError as exc:
@@ -224,6 +240,48 @@ def _collect(events: Iterator[Any]) -> dict:
             "notices": transcript.notices_json(), "adapter": done.adapter,
             "finish_reason": "stop", "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": tokens,
                                                "total_tokens": done.prompt_tokens + tokens}}
+
+
+_END = object()
+
+
+async def _relay(chunks: Iterator[str], cancel: threading.Event) -> AsyncIterator[str]:
+    """The chunks of a blocking iterator, produced on one thread of their own for the whole stream
+    and handed to the event loop one by one. (A sync iterator given to StreamingResponse is advanced
+    by a thread-pool call per chunk, each a round trip through anyio's limiter and a worker queue:
+    per token, on the cores that decode.) When the client goes away, `cancel` stops the answer, and
+    the producer closes `chunks`, which runs their cleanup on its own thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    def hand(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop closed (server shutting down): nobody is reading
+            cancel.set()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                hand(chunk)
+                if cancel.is_set():
+                    break
+        except BaseException as exc:  # handed on: the event loop re-raises it in the response
+            hand(exc)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            hand(_END)
+
+    threading.Thread(target=produce, name="domainchat-stream", daemon=True).start()
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        cancel.set()
 
 
 def _sse(events: Iterator[Any], completion_id: str, created: int, model: str) -> Iterator[str]:

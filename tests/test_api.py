@@ -144,6 +144,49 @@ def test_queue_full_is_429(assistant: Assistant, monkeypatch: pytest.MonkeyPatch
         one.enter()
 
 
+def test_a_client_that_hangs_up_stops_its_answer_and_frees_its_slot(assistant: Assistant,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream whose client goes away mid-answer stops generating (the engine's cancel is set) and
+    gives its admission slot back. The model is replaced by an endless generator: this is about the
+    API's streaming, and an endless answer is the one a hang-up must stop."""
+    import threading
+    import time
+
+    import httpx
+
+    from domainchat.chat import Token
+
+    stopped = threading.Event()
+
+    def endless(messages, adapter, params, cancel=None, reply_start=""):
+        try:
+            while not cancel.is_set():
+                time.sleep(0.005)
+                yield Token("la ")
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(assistant, "generate_raw", endless)
+    monkeypatch.setattr(assistant, "admission", Admission(active=1, waiting=0))
+    url = serve_in_thread(mount_api(FastAPI(), assistant))
+    body = {"model": "finance:raw", "messages": [{"role": "user", "content": "Sing."}], "stream": True}
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, headers={"Authorization": "Bearer x"}) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data:"))
+        assert '"role": "assistant"' in next(lines)
+        assert '"la "' in next(lines) and '"la "' in next(lines)  # the answer is streaming; hang up
+    assert stopped.wait(5), "the answer went on after its client hung up"
+    api = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    deadline = time.monotonic() + 5
+    while True:  # the slot comes back as the stream's thread ends
+        try:
+            api.chat.completions.create(model="finance:raw", messages=[{"role": "user", "content": "Hi"}],
+                                        stream=True).close()
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the hung-up answer kept its admission slot"
+            time.sleep(0.05)
+
+
 SOAK_SECONDS = 120
 SOAK_CLIENTS = 8
 
