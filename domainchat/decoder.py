@@ -13,8 +13,9 @@ calls, and a batch of four rows costs little more than one row in the 4-bit kern
 sequences and fusing layers is where the speed is (docs/bench.md has the figures). A decode step's
 layer loop is ~150 small ATen calls a layer; where a C++ compiler is, it runs from
 csrc/lean_step.cpp, the same calls in the same order without the interpreter between them (layers
-of a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side), and with two
-threads it runs a batch's rows in two halves, one a thread (four rows 16.5 -> 11.6 ms). Decode steps
+of a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side; on the float32
+copies, decode 16.7 -> 19.0 tokens/s), and on the 4-bit kernel with two threads it runs a batch's
+rows in two halves, one a thread (four rows 16.5 -> 11.6 ms). Decode steps
 do the same arithmetic as the transformers path (same kernels, same dtypes, same order; a test
 checks greedy outputs match token for token when the prompt is prefilled with transformers' kernel
 too). On AVX512-BF16 the default prefill uses bfloat16 matrix multiplies instead, as accurate
@@ -181,6 +182,10 @@ class DequantizedLinear:
         parts = [dequantize_4bit(layer.weight.data, layer.weight.quant_state).float() for layer in layers]
         return cls(torch.cat(parts) if len(parts) > 1 else parts[0], tuple(int(p.shape[0]) for p in parts))
 
+    @property
+    def shape(self) -> tuple[int, int]:  # (N, K)
+        return (int(self.weight.shape[0]), int(self.weight.shape[1]))
+
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight)
 
@@ -281,11 +286,12 @@ class LeanDecoder:
             cos, sin = inner.model.rotary_emb(self.embed[:1].unsqueeze(0), positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
         # The layer loop of decode steps in C++ (csrc/lean_step.cpp): the same ATen calls without the
-        # interpreter between them; on the 4-bit kernel path only, where the step calls bitsandbytes'
-        # kernel itself. None: the Python loop (_step_layers_python), which gives the same bits.
+        # interpreter between them, calling bitsandbytes' kernel itself on the 4-bit path and
+        # multiplying the float32 copies elsewhere. None: the Python loop (_step_layers_python), which
+        # gives the same bits.
         self.native = None
         self._native_stacks: list | None = None  # the stacks last handed to `native`
-        if _NATIVE_GEMV is not None and isinstance(layers[0].qkv, FusedLinear):
+        if _NATIVE_GEMV is not None or isinstance(layers[0].qkv, DequantizedLinear):
             module = _native_step_module()
             if module is not None:
                 self.native = self._native_stepper(module)
@@ -508,12 +514,17 @@ class LeanDecoder:
 
     def _native_stepper(self, module):
         fused = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if isinstance(fused[0], DequantizedLinear):  # float32 matrices, no kernel address: at::linear
+            weights, absmax, blocksize, kernel = [f.weight for f in fused], [torch.empty(0)] * len(fused), 0, 0
+        else:
+            weights, absmax, blocksize = [f.packed for f in fused], [f.absmax for f in fused], fused[0].blocksize
+            kernel = ctypes.cast(_NATIVE_GEMV, ctypes.c_void_p).value
         return module.LeanStep(
             self.embed, self.final_norm, [layer.input_norm for layer in self.layers],
-            [layer.post_norm for layer in self.layers], [f.packed for f in fused], [f.absmax for f in fused],
-            [list(f.shape) for f in fused], [list(f.splits) for f in fused], fused[0].blocksize,
-            ctypes.cast(_NATIVE_GEMV, ctypes.c_void_p).value, self.heads, self.kv_heads, self.head_dim,
-            float(self.scaling), self.eps, self.cos, self.sin)
+            [layer.post_norm for layer in self.layers], weights, absmax, [list(f.shape) for f in fused],
+            [list(f.splits) for f in fused],
+            blocksize, kernel, self.heads, self.kv_heads, self.head_dim, float(self.scaling), self.eps,
+            self.cos, self.sin)
 
     def _hand_stacks(self, stacks: list[dict[str, tuple | None]]) -> None:
         """Give the C++ loop the rows' LoRA stacks when they changed (scalings as tensors: a float32
@@ -541,8 +552,11 @@ class LeanDecoder:
             return self._step_layers_python(tokens, caches, stacks)
         self._hand_stacks(stacks)
         lengths = [cache.length for cache in caches]
+        # Rows in two halves on two threads where each row's products do not depend on the others in
+        # its call (the 4-bit kernel); float32 products of several rows do, and they are memory-bound.
+        split = self.threads > 1 and isinstance(self.layers[0].qkv, FusedLinear)
         hidden = self.native.step(torch.tensor(list(tokens)), torch.tensor(lengths), [c.keys for c in caches],
-                                  [c.values for c in caches], lengths, self.threads > 1)
+                                  [c.values for c in caches], lengths, split)
         for cache in caches:
             cache.length += 1
         return hidden

@@ -246,18 +246,15 @@ def test_declines_a_model_it_does_not_understand() -> None:
 
 
 
-def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: LeanDecoder) -> None:
-    """csrc/lean_step.cpp makes the same ATen calls as the Python loop: hidden states and key/value
-    caches are bit-equal, one row or several with different adapters (and none), across steps, with
-    a batch's rows split over two threads (odd counts too) or not."""
+def _cpp_loop_matches_python(engine: Engine, lean: LeanDecoder, cases: list[tuple[list, int]]) -> None:
+    """The C++ loop's hidden states and key/value caches are bit-equal to the Python loop's, across
+    three steps, for each (adapters of the rows, threads) case."""
     import shutil
     import sysconfig
     from pathlib import Path
 
     from domainchat.output_layer import intra_op_threads
 
-    if not isinstance(lean.layers[0].qkv, FusedLinear):
-        pytest.skip("the C++ loop serves bitsandbytes' 4-bit kernel path (AVX512-BF16)")
     if lean.native is None:
         compiler = shutil.which("c++") or shutil.which("g++")
         if compiler is None or not Path(sysconfig.get_paths()["include"], "Python.h").exists():
@@ -267,8 +264,7 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
     ids = engine.encode(PROMPTS[1])[0].tolist()
     native = lean.native
     threads = lean.threads
-    for adapters, split in ((["alpha"], 2), (["alpha", None, "beta", "alpha"], 2), (["beta", None, "alpha"], 2),
-                            (["alpha", "beta"], 1)):
+    for adapters, split in cases:
         runs = []
         for loop in (native, None):
             lean.native, lean.threads = loop, split
@@ -283,6 +279,24 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
         lean.native, lean.threads = native, threads
         for ours, theirs in zip(runs[0], runs[1], strict=True):
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), f"{adapters}"
+
+
+def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: LeanDecoder) -> None:
+    """csrc/lean_step.cpp makes the same ATen calls as the Python loop: bit-equal, one row or several
+    with different adapters (and none), with a batch's rows split over two threads (odd counts too)
+    or not."""
+    if not isinstance(lean.layers[0].qkv, FusedLinear):
+        pytest.skip("this engine has no 4-bit kernel path (the standard layout test covers the float32 one)")
+    _cpp_loop_matches_python(engine, lean, [(["alpha"], 2), (["alpha", None, "beta", "alpha"], 2),
+                                            (["beta", None, "alpha"], 2), (["alpha", "beta"], 1)])
+
+
+def test_the_cpp_layer_loop_gives_the_python_loops_bits_on_float32_copies(standard_layout_engine: Engine) -> None:
+    """Without AVX512-BF16 the C++ loop multiplies the float32 copies (no row split there: several
+    rows' float32 products depend on the rows in the call)."""
+    lean = standard_layout_engine._decoder
+    assert lean is not None and isinstance(lean.layers[0].qkv, DequantizedLinear)
+    _cpp_loop_matches_python(standard_layout_engine, lean, [(["alpha"], 2), (["alpha", None, "beta", "alpha"], 2)])
 
 
 def test_a_cpp_build_that_fails_leaves_the_python_loop(monkeypatch: pytest.MonkeyPatch,

@@ -1,8 +1,9 @@
 // One batched decode step of decoder.LeanDecoder's layers, in C++: the same ATen calls, in the same
 // order and shapes as LeanDecoder._step_layers_python (so the same kernels and the same bits), without
-// the Python interpreter between them, and with a batch's rows in two halves on two threads (a row's
-// arithmetic never depends on the other rows of its call). decoder.py builds it at start and falls
-// back to the Python loop when it cannot be compiled. It owns nothing: every tensor is the decoder's.
+// the Python interpreter between them, and, on bitsandbytes' 4-bit kernel, with a batch's rows in two
+// halves on two threads (a row's arithmetic never depends on the other rows of its call there). The
+// matrices are the 4-bit kernel's or the float32 copies (CPUs without AVX512-BF16). decoder.py builds
+// it at start and falls back to the Python loop when it cannot be compiled. It owns nothing: every tensor is the decoder's.
 #include <torch/extension.h>
 
 #include <exception>
@@ -19,7 +20,7 @@ namespace {
 using Gemv = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const void*, void*, int64_t,
                       int64_t, int64_t);
 
-struct Linear4 {
+struct Linear {  // a fused matrix: bitsandbytes' packed nf4 with its absmax, or float32 [N, K] (no absmax)
   Tensor packed;
   Tensor absmax;
   int64_t n;
@@ -58,7 +59,7 @@ class LeanStep {
                 "one packed weight, absmax, shape and split list per matrix");
     TORCH_CHECK(packed.size() == 4 * input_norms_.size(), "four matrices per layer");
     for (size_t i = 0; i < packed.size(); ++i) {
-      linears_.push_back(Linear4{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
+      linears_.push_back(Linear{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
     }
     stacks_.resize(packed.size());
   }
@@ -131,10 +132,10 @@ class LeanStep {
     Tensor h = embed_.index({tokens});
     const int64_t layers = static_cast<int64_t>(input_norms_.size());
     for (int64_t index = 0; index < layers; ++index) {
-      const Linear4& qkv_w = linears_[4 * index];
-      const Linear4& o_w = linears_[4 * index + 1];
-      const Linear4& gate_up_w = linears_[4 * index + 2];
-      const Linear4& down_w = linears_[4 * index + 3];
+      const Linear& qkv_w = linears_[4 * index];
+      const Linear& o_w = linears_[4 * index + 1];
+      const Linear& gate_up_w = linears_[4 * index + 2];
+      const Linear& down_w = linears_[4 * index + 3];
       Tensor x = norm(h, input_norms_[index]);
       auto qkv = add_lora_rows(gemv(x, qkv_w), x, stacks_[4 * index], first_row).split_with_sizes(qkv_w.splits, -1);
       Tensor q = rotate(qkv[0].view({rows, heads_, head_dim_}), cos, sin);
@@ -175,7 +176,10 @@ class LeanStep {
     return x * cos + at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1) * sin;
   }
 
-  Tensor gemv(const Tensor& x, const Linear4& w) const {
+  // decoder.FusedLinear.gemv (bitsandbytes' kernel) or, without one (gemv_address 0: the float32
+  // copies of DequantizedLinear, CPUs without AVX512-BF16), DequantizedLinear.gemv.
+  Tensor gemv(const Tensor& x, const Linear& w) const {
+    if (gemv_ == nullptr) return at::linear(x, w.packed);
     Tensor rows = x.to(at::kBFloat16).contiguous();
     Tensor out = at::empty({rows.size(0), w.n}, rows.options());
     gemv_(rows.size(0), w.n, w.k, rows.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(), out.data_ptr(),
@@ -206,10 +210,10 @@ class LeanStep {
 
   Tensor embed_, final_norm_;
   std::vector<Tensor> input_norms_, post_norms_;
-  std::vector<Linear4> linears_;
+  std::vector<Linear> linears_;  // four per layer: qkv, o, gate_up, down
   std::vector<Stack> stacks_;
   int64_t blocksize_;
-  Gemv gemv_;
+  Gemv gemv_;  // nullptr: float32 matrices
   int64_t heads_, kv_heads_, head_dim_;
   double scaling_, eps_;
   Tensor cos_, sin_;
