@@ -33,6 +33,8 @@ BENCH_TARGETS = {
     "http_concurrency_speedup_4_sessions": (">=", 1.8),
     "http_concurrency_speedup_4_sessions_160_tokens": (">=", 2.5),
     "decode_speedup_vs_naive": (">=", 3.0),
+    # CPUs without AVX512-BF16, forced here: their decode against the 4-bit kernel's
+    "float32_path_slowdown_vs_4bit": ("<=", 1.5),
     "concurrency_speedup_4_sessions": (">=", 2.0),
     "retrieval_p50_ms_10k": ("<=", 30.0),
     "serving_peak_rss_mb": ("<=", 1536.0),
@@ -274,6 +276,49 @@ def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int
     return report
 
 
+def measure_float32_path(settings, folders: dict[str, Path], engine, adapter: str, runs: int) -> dict:
+    """Decode on the lean decoder's float32 path (a second engine whose model keeps bitsandbytes'
+    standard layout, as on a CPU without AVX512-BF16) against `engine` on the 4-bit kernel,
+    alternating, and the floor the float32 path cannot beat: reading its float32 copies once."""
+    import time
+
+    import torch
+
+    from domainchat.engine import Engine, standard_nf4_layout
+    from domainchat.generation import GenerationParams
+    from domainchat.output_layer import intra_op_threads
+
+    with standard_nf4_layout():
+        forced = Engine.start(settings, {adapter: folders[adapter]})
+    try:
+        if forced.decoder_layout != "float32 copies":
+            return {}
+        decode = GenerationParams(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0, max_new_tokens=64)
+        rates: dict[str, list[float]] = {"4bit": [], "float32": []}
+        for _ in range(runs):
+            for name, which in (("4bit", engine), ("float32", forced)):
+                _, total, tokens = _timed_stream(which, DECODE_PROMPT, adapter, decode)
+                rates[name].append(tokens / total)
+        weights = forced.decoder_weights()
+        inputs = {k: torch.randn(1, k) for k in {int(w.shape[1]) for w in weights}}
+        reads = []
+        with torch.inference_mode(), intra_op_threads(1):  # as a decode step runs its layers
+            for _ in range(max(runs, 10)):
+                t0 = time.perf_counter()
+                for weight in weights:
+                    torch.nn.functional.linear(inputs[int(weight.shape[1])], weight)
+                reads.append(time.perf_counter() - t0)
+    finally:
+        forced.close()
+    four_bit, float32 = statistics.median(rates["4bit"]), statistics.median(rates["float32"])
+    read_s = min(reads)  # a floor: the fastest pass (reading is what others on the machine slow down)
+    return {"decode_float32_path_tokens_per_s": round(float32, 2),
+            "decode_4bit_path_alongside_tokens_per_s": round(four_bit, 2),
+            "float32_path_slowdown_vs_4bit": round(four_bit / float32, 2),
+            "float32_weights_read_ms": round(read_s * 1000, 1),
+            "float32_path_ceiling_tokens_per_s": round(1 / read_s, 1)}
+
+
 def _synchronize(engine) -> None:
     """Wait for the model's device (a GPU runs `generate` asynchronously up to its last copy)."""
     import torch
@@ -336,6 +381,9 @@ def run_bench(settings, progress: Callable[[str], None] = lambda _: None, runs: 
         store = KnowledgeStore.open(settings.home, settings.chroma_url, embed_model=settings.embed_model)
         served = bench_prompts(Assistant(settings, registry, engine, store), domain, usable[0])
         report.update(measure_engine(engine, usable, served, runs, progress))
+        if engine.decoder_name == "lean" and engine.decoder_layout == "nf4 kernel":
+            progress("decode on the float32 path (standard nf4 layout, forced)")
+            report.update(measure_float32_path(settings, folders, engine, usable[0], runs))
         engine.close()
 
         progress("retrieval at 10,000 chunks")

@@ -275,7 +275,8 @@ class LeanDecoder:
         self.final_norm = inner.model.norm.weight
         self.eps = float(config.rms_norm_eps)
         self.lm_head = inner.lm_head.weight
-        self.output = OutputLayer(self.lm_head, self.threads, transposed=isinstance(layers[0].qkv, FusedLinear))
+        self.layout = "nf4 kernel" if isinstance(layers[0].qkv, FusedLinear) else "float32 copies"
+        self.output = OutputLayer(self.lm_head, self.threads, transposed=self.layout == "nf4 kernel")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -291,7 +292,7 @@ class LeanDecoder:
         # gives the same bits.
         self.native = None
         self._native_stacks: list | None = None  # the stacks last handed to `native`
-        if _NATIVE_GEMV is not None or isinstance(layers[0].qkv, DequantizedLinear):
+        if _NATIVE_GEMV is not None or self.layout == "float32 copies":
             module = _native_step_module()
             if module is not None:
                 self.native = self._native_stepper(module)
@@ -447,6 +448,11 @@ class LeanDecoder:
         """Drop the stacked LoRA matrices of the last batch (call when no sequence is running)."""
         self._composition = None
 
+    def matrices(self) -> list[torch.Tensor]:
+        """The weight matrices a decode step reads, four per layer (packed nf4 or float32)."""
+        return [linear.packed if isinstance(linear, FusedLinear) else linear.weight
+                for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
     def supports(self, adapter: str | None) -> bool:
         return adapter is None or adapter in self.loras
 
@@ -554,7 +560,7 @@ class LeanDecoder:
         lengths = [cache.length for cache in caches]
         # Rows in two halves on two threads where each row's products do not depend on the others in
         # its call (the 4-bit kernel); float32 products of several rows do, and they are memory-bound.
-        split = self.threads > 1 and isinstance(self.layers[0].qkv, FusedLinear)
+        split = self.threads > 1 and self.layout == "nf4 kernel"
         hidden = self.native.step(torch.tensor(list(tokens)), torch.tensor(lengths), [c.keys for c in caches],
                                   [c.values for c in caches], lengths, split)
         for cache in caches:

@@ -38,6 +38,21 @@ from domainchat.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+@contextmanager
+def standard_nf4_layout() -> Iterator[None]:
+    """Models loaded inside keep bitsandbytes' standard nf4 layout, as on a CPU without AVX512-BF16
+    (bitsandbytes repacks into its tile layout only where that kernel runs, deciding as each
+    Linear4bit is built): how the bench and the tests run the decoder's float32 path on any CPU."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    original = bnb_modules.has_avx512bf16
+    bnb_modules.has_avx512bf16 = lambda: False
+    try:
+        yield
+    finally:
+        bnb_modules.has_avx512bf16 = original
+
 CANARY_MESSAGES = [{"role": "user", "content": "Explain in one sentence what you can help with."}]
 # An adapter whose largest logit change on the canary prompt is below this changes nothing useful.
 CANARY_MIN_DELTA = 1e-3
@@ -95,6 +110,16 @@ class Engine:
     def decoder_name(self) -> str:
         """Which path generates: "lean" (batcher.py over decoder.py) or "transformers"."""
         return "lean" if self._batcher is not None else "transformers"
+
+    @property
+    def decoder_layout(self) -> str | None:
+        """The lean decoder's matrices: "nf4 kernel" (bitsandbytes' AVX512-BF16 kernel) or "float32
+        copies" (other CPUs); None on the transformers path."""
+        return self._decoder.layout if self._decoder is not None else None
+
+    def decoder_weights(self) -> list[torch.Tensor]:
+        """The matrices a lean decode step reads, four per layer (the bench times reading them)."""
+        return self._decoder.matrices() if self._decoder is not None else []
 
     def close(self) -> None:
         """Stop the generation thread and wait for it; answers still running end with an error.

@@ -91,3 +91,19 @@ def test_engine_figures_from_plain_prompts(engine) -> None:
     assert report["decode_tokens_per_s"] > 1 and report["decode_naive_peft_generate_tokens_per_s"] > 1
     assert 0 < report["ttft_short_s"] and 0 < report["ttft_rag_s"] <= report["ttft_last_of_3_rag_arrivals_s"] + 5
     assert report["stall_max_gap_s_3_rag_arrivals"] > 0 and report["concurrency_speedup_4_sessions"] > 0.5
+
+
+def test_float32_path_figures_beside_the_4bit_kernel(engine, settings, test_adapters) -> None:
+    """measure_float32_path starts a second engine on bitsandbytes' standard layout (forced) and
+    measures it against the first, alternating; its floor is reading the float32 copies once."""
+    from domainchat.bench import measure_float32_path
+
+    if engine.decoder_layout != "nf4 kernel":
+        pytest.skip("this CPU already runs the float32 path: `decode_tokens_per_s` is its figure")
+    report = measure_float32_path(settings, test_adapters, engine, "alpha", runs=1)
+    assert report["decode_float32_path_tokens_per_s"] > 1 and report["decode_4bit_path_alongside_tokens_per_s"] > 1
+    assert report["float32_path_slowdown_vs_4bit"] == round(
+        report["decode_4bit_path_alongside_tokens_per_s"] / report["decode_float32_path_tokens_per_s"], 2)
+    assert report["float32_weights_read_ms"] > 0
+    # no step reads its weights faster than reading them alone
+    assert report["float32_path_ceiling_tokens_per_s"] > report["decode_float32_path_tokens_per_s"]

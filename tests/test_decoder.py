@@ -209,10 +209,9 @@ def standard_layout_engine(settings, test_adapters) -> Iterator[Engine]:
     """An engine whose nf4 weights stay in bitsandbytes' standard layout, as on a CPU without
     AVX512-BF16 (bitsandbytes repacks them into its tile layout only where that kernel runs): the
     lean decoder's float32 path, forced here so that every CI run checks it."""
-    import bitsandbytes.nn.modules as bnb_modules
+    from domainchat.engine import standard_nf4_layout
 
-    with pytest.MonkeyPatch.context() as patch:  # read when each Linear4bit is built
-        patch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    with standard_nf4_layout():
         engine = Engine.start(settings, test_adapters)
     if engine.device.type != "cpu":
         engine.close()
