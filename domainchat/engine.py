@@ -13,7 +13,8 @@ the number guard turns into a mask before sampling.
 
 The engine knows nothing about domains, prompts or retrieval: it is given messages, an adapter
 name and sampling parameters, and yields text. What the tokenizer's chat template says (how a
-prompt is rendered, which tokens end a reply) comes from chat_template.py.
+prompt is rendered, which tokens end a reply) comes from chat_template.py. `standard_nf4_layout`
+loads a model as a CPU without AVX512-BF16 would, so that tests and the bench run that path here.
 """
 
 from __future__ import annotations
