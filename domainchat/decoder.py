@@ -15,11 +15,11 @@ layer loop is ~150 small ATen calls a layer; where a C++ compiler is, it runs fr
 csrc/lean_step.cpp, the same calls in the same order without the interpreter between them (layers
 of a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side; on the float32
 copies, decode 16.7 -> 19.0 tokens/s), and on the 4-bit kernel with two threads it runs a batch's
-rows in two halves, one a thread (four rows 16.5 -> 11.6 ms). Decode steps
-do the same arithmetic as the transformers path (same kernels, same dtypes, same order; a test
-checks greedy outputs match token for token when the prompt is prefilled with transformers' kernel
-too). On AVX512-BF16 the default prefill uses bfloat16 matrix multiplies instead, as accurate
-against float32 but not bit-equal, so a near-tie may resolve differently. On AVX2 bfloat16 has no
+rows in two halves, one a thread (four rows 16.5 -> 11.6 ms). Decode steps do the same arithmetic
+as the transformers path (same kernels, same dtypes, same order; a test checks greedy outputs
+match token for token when the prompt is prefilled with transformers' kernel too). On AVX512-BF16
+the default prefill uses bfloat16 matrix multiplies instead, as accurate against float32
+but not bit-equal, so a near-tie may resolve differently. On AVX2 bfloat16 has no
 hardware support (a 700-token prefill took 10.8 s in bfloat16, measured), so both prefill and
 decode multiply the float32 copies: a single sequence gets the transformers path's products
 exactly; rows of a batch go through the several-row kernel and agree to ~1e-6.
@@ -528,9 +528,8 @@ class LeanDecoder:
         return module.LeanStep(
             self.embed, self.final_norm, [layer.input_norm for layer in self.layers],
             [layer.post_norm for layer in self.layers], weights, absmax, [list(f.shape) for f in fused],
-            [list(f.splits) for f in fused],
-            blocksize, kernel, self.heads, self.kv_heads, self.head_dim, float(self.scaling), self.eps,
-            self.cos, self.sin)
+            [list(f.splits) for f in fused], blocksize, kernel, self.heads, self.kv_heads, self.head_dim,
+            float(self.scaling), self.eps, self.cos, self.sin)
 
     def _hand_stacks(self, stacks: list[dict[str, tuple | None]]) -> None:
         """Give the C++ loop the rows' LoRA stacks when they changed (scalings as tensors: a float32

@@ -3,7 +3,8 @@
 // the Python interpreter between them, and, on bitsandbytes' 4-bit kernel, with a batch's rows in two
 // halves on two threads (a row's arithmetic never depends on the other rows of its call there). The
 // matrices are the 4-bit kernel's or the float32 copies (CPUs without AVX512-BF16). decoder.py builds
-// it at start and falls back to the Python loop when it cannot be compiled. It owns nothing: every tensor is the decoder's.
+// it at start and falls back to the Python loop when it cannot be compiled. It owns nothing: every
+// tensor is the decoder's.
 #include <torch/extension.h>
 
 #include <exception>
