@@ -5,7 +5,8 @@ matrix calls instead of seven), every adapter's LoRA matrices stacked so that ea
 can use its own adapter, per-sequence key/value caches, prefill and batched one-token decode
 steps. Where the CPU has AVX512-BF16, bitsandbytes repacks nf4 weights into its CPU tile layout and
 the decoder uses its 4-bit kernel for decode steps and bfloat16 copies for prefill (FusedLinear);
-elsewhere (AVX2) it keeps float32 copies of the dequantized weights (DequantizedLinear). The
+elsewhere (AVX2) the weights stay in bitsandbytes' standard layout and each product dequantizes
+its matrix to float32 first, as bitsandbytes does for transformers there (DequantizedLinear). The
 logits' product is output_layer.py's.
 
 Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
@@ -13,16 +14,16 @@ calls, and a batch of four rows costs little more than one row in the 4-bit kern
 sequences and fusing layers is where the speed is (docs/bench.md has the figures). A decode step's
 layer loop is ~150 small ATen calls a layer; where a C++ compiler is, it runs from
 csrc/lean_step.cpp, the same calls in the same order without the interpreter between them (layers
-of a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side; on the float32
-copies, decode 16.7 -> 19.0 tokens/s), and on the 4-bit kernel with two threads it runs a batch's
+of a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side), and on the
+4-bit kernel with two threads it runs a batch's
 rows in two halves, one a thread (four rows 16.5 -> 11.6 ms). Decode steps do the same arithmetic
 as the transformers path (same kernels, same dtypes, same order; a test checks greedy outputs
 match token for token when the prompt is prefilled with transformers' kernel too). On AVX512-BF16
 the default prefill uses bfloat16 matrix multiplies instead, as accurate against float32
 but not bit-equal, so a near-tie may resolve differently. On AVX2 bfloat16 has no
 hardware support (a 700-token prefill took 10.8 s in bfloat16, measured), so both prefill and
-decode multiply the float32 copies: a single sequence gets the transformers path's products
-exactly; rows of a batch go through the several-row kernel and agree to ~1e-6.
+decode multiply the dequantized float32 matrices: a single sequence gets the transformers path's
+products exactly; rows of a batch go through the several-row kernel and agree to ~1e-6.
 
 It knows nothing of chat, sampling or scheduling: the batcher gives it token ids, caches and
 adapter names and gets logits back. It reads the weights of the model the engine loaded (peft +
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,20 @@ def _native_gemv():
 
 
 _NATIVE_GEMV = _native_gemv()
+
+
+def _native_dequantize():
+    """bitsandbytes' nf4 -> float32 CPU dequantize kernel (what its op calls on this path), or None."""
+    try:
+        from bitsandbytes.functional import lib
+
+        return lib.cdequantize_blockwise_cpu_nf4_fp32
+    except (ImportError, AttributeError, RuntimeError, OSError):
+        return None
+
+
+_NATIVE_DEQUANTIZE = _native_dequantize()
+_BUFFERS = threading.local()  # DequantizedLinear.weight's float32 matrix, one per thread
 NATIVE_STEP_SOURCE = Path(__file__).parent / "csrc" / "lean_step.cpp"
 
 
@@ -165,32 +181,75 @@ class FusedLinear:
 @dataclass
 class DequantizedLinear:
     """Several nf4 linear layers in bitsandbytes' standard layout (CPUs without AVX512-BF16),
-    dequantized once to float32 and multiplied as one matrix.
+    dequantized to float32 when multiplied.
 
     There bitsandbytes computes every Linear4bit as "dequantize the whole matrix to float32, then one
-    float32 matrix multiply", at each call: the dequantization is most of a decode step (38 ms of
-    ~100 for the 135M model, measured). Keeping the float32 copy trades ~4 bytes per weight (425 MB
-    for the 135M model) for that time and gives the same products as the transformers path."""
+    float32 matrix multiply", at each call, and so does this: the same dequantize kernel and the same
+    product give transformers' bits. What it saves is the rest: the op's allocation and Python (a pass
+    over the 135M model's 120 matrices 53 ms through the op, 14 ms calling the kernel into a reused
+    buffer, measured). Keeping float32 copies instead (as this did before) costs 425 MB for that model
+    and is slower: a step then reads them from memory (34 ms a pass on one thread), where reading
+    the 4-bit bytes, dequantizing into a buffer that stays in L3 and multiplying it takes ~25 (14 +
+    11); decode on this path went from 19.5 to 26.3 tokens/s (`domainchat bench`'s float32 figure)."""
 
-    weight: torch.Tensor  # [N, K] float32
+    plain: torch.Tensor  # [N*K/2, 1] uint8: the layers' packed bytes, one after another
+    absmax: torch.Tensor  # [N*K/blocksize] float32
+    blocksize: int
+    shape: tuple[int, int]  # (N, K)
     splits: tuple[int, ...]
 
     @classmethod
     def of(cls, layers: Sequence[torch.nn.Module]) -> DequantizedLinear:
-        from bitsandbytes.functional import dequantize_4bit
+        states = [layer.weight.quant_state for layer in layers]
+        splits = tuple(int(s.shape[0]) for s in states)
+        plain = torch.cat([layer.weight.data for layer in layers]) if len(layers) > 1 else layers[0].weight.data
+        if len(layers) > 1:  # the model's layers share the fused bytes instead of keeping their own
+            offset = 0
+            for layer, width in zip(layers, splits, strict=True):
+                count = width * int(states[0].shape[1]) // 2
+                layer.weight.data = plain[offset:offset + count]
+                offset += count
+        absmax = torch.cat([_float_absmax(s) for s in states])
+        return cls(plain, absmax, states[0].blocksize, (sum(splits), int(states[0].shape[1])), splits)
 
-        parts = [dequantize_4bit(layer.weight.data, layer.weight.quant_state).float() for layer in layers]
-        return cls(torch.cat(parts) if len(parts) > 1 else parts[0], tuple(int(p.shape[0]) for p in parts))
+    def weight(self) -> torch.Tensor:
+        """The float32 matrix [N, K], as bitsandbytes dequantizes it. Through the kernel it lands in
+        this thread's buffer, overwritten by the next call here: use it before asking again."""
+        n, k = self.shape
+        if not self.native:
+            return torch.ops.bitsandbytes.dequantize_4bit(self.plain, self.absmax, self.blocksize, "nf4",
+                                                          [n, k], torch.float32)
+        buffer = getattr(_BUFFERS, "float32", None)
+        if buffer is None or buffer.numel() < n * k:
+            buffer = _BUFFERS.float32 = torch.empty(n * k)
+        out = buffer[:n * k].view(n, k)
+        _NATIVE_DEQUANTIZE(ctypes.c_void_p(self.plain.data_ptr()), ctypes.c_void_p(self.absmax.data_ptr()),
+                           ctypes.c_void_p(out.data_ptr()), ctypes.c_longlong(self.blocksize),
+                           ctypes.c_longlong(n), ctypes.c_longlong(k))
+        return out
 
     @property
-    def shape(self) -> tuple[int, int]:  # (N, K)
-        return (int(self.weight.shape[0]), int(self.weight.shape[1]))
+    def native(self) -> bool:
+        """Whether bitsandbytes' op would call the kernel this calls directly: it uses another
+        implementation for odd widths and blocks of 2048 or more."""
+        return _NATIVE_DEQUANTIZE is not None and self.shape[1] % 2 == 0 and self.blocksize < 2048
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        return torch.nn.functional.linear(x, self.weight())
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        return torch.nn.functional.linear(x, self.weight())
+
+
+def _float_absmax(state) -> torch.Tensor:
+    """A layer's block scales in float32, as `bitsandbytes.functional.dequantize_4bit` computes them."""
+    absmax = state.absmax
+    if state.nested:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(absmax, state.state2)
+        absmax += state.offset
+    return absmax.float().contiguous()
 
 
 Linear = FusedLinear | DequantizedLinear
@@ -251,9 +310,12 @@ class KVCache:
 
 class LeanDecoder:
     """Fused forward passes over a loaded 4-bit Llama; see the module docstring."""
-    # On AVX2 a step of the 135M model reads 425 MB of float32 weights: memory bandwidth, not
-    # arithmetic, sets its time (~45 ms a step on one thread and on two alike, measured), and a
-    # bfloat16 copy saved little (40 ms) while making several-row steps slower (133 ms vs 102).
+    # On AVX2 a step of the 135M model dequantizes 106M weights (13-14 ms on one thread, here and in
+    # an AVX2 kernel of our own alike) and multiplies them from cache (~10 ms). Two intra-op threads
+    # gained nothing in the batcher's thread (25.3 vs 26.3 tokens/s): waking them 240 times a step
+    # costs what the second core saves. Smaller pieces that stay in L2 were slower still: a product
+    # of 16-100 rows costs the BLAS several microseconds of setup (all 120 matrices in 64 KB pieces
+    # took 54 ms against 22 whole, measured).
 
     def __init__(self, model, layers: list[LayerWeights], loras: dict[str, list[dict[str, LoraGroup]]]) -> None:
         # "dense": prompts go through bfloat16 matrix multiplies (2.5x faster at 700 tokens and as
@@ -275,7 +337,7 @@ class LeanDecoder:
         self.final_norm = inner.model.norm.weight
         self.eps = float(config.rms_norm_eps)
         self.lm_head = inner.lm_head.weight
-        self.layout = "nf4 kernel" if isinstance(layers[0].qkv, FusedLinear) else "float32 copies"
+        self.layout = "nf4 kernel" if isinstance(layers[0].qkv, FusedLinear) else "nf4 dequantized"
         self.output = OutputLayer(self.lm_head, self.threads, transposed=self.layout == "nf4 kernel")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
@@ -287,12 +349,12 @@ class LeanDecoder:
             cos, sin = inner.model.rotary_emb(self.embed[:1].unsqueeze(0), positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
         # The layer loop of decode steps in C++ (csrc/lean_step.cpp): the same ATen calls without the
-        # interpreter between them, calling bitsandbytes' kernel itself on the 4-bit path and
-        # multiplying the float32 copies elsewhere. None: the Python loop (_step_layers_python), which
-        # gives the same bits.
+        # interpreter between them, calling bitsandbytes' 4-bit kernel itself, or elsewhere its
+        # dequantize kernel. None: the Python loop (_step_layers_python), which gives the same bits.
         self.native = None
         self._native_stacks: list | None = None  # the stacks last handed to `native`
-        if _NATIVE_GEMV is not None or self.layout == "float32 copies":
+        kernel = _NATIVE_GEMV is not None if self.layout == "nf4 kernel" else layers[0].qkv.native
+        if kernel:
             module = _native_step_module()
             if module is not None:
                 self.native = self._native_stepper(module)
@@ -448,11 +510,6 @@ class LeanDecoder:
         """Drop the stacked LoRA matrices of the last batch (call when no sequence is running)."""
         self._composition = None
 
-    def matrices(self) -> list[torch.Tensor]:
-        """The weight matrices a decode step reads, four per layer (packed nf4 or float32)."""
-        return [linear.packed if isinstance(linear, FusedLinear) else linear.weight
-                for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-
     def supports(self, adapter: str | None) -> bool:
         return adapter is None or adapter in self.loras
 
@@ -520,16 +577,16 @@ class LeanDecoder:
 
     def _native_stepper(self, module):
         fused = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if isinstance(fused[0], DequantizedLinear):  # float32 matrices, no kernel address: at::linear
-            weights, absmax, blocksize, kernel = [f.weight for f in fused], [torch.empty(0)] * len(fused), 0, 0
+        address = lambda function: ctypes.cast(function, ctypes.c_void_p).value  # noqa: E731
+        if isinstance(fused[0], DequantizedLinear):
+            weights, gemv, dequantize = [f.plain for f in fused], 0, address(_NATIVE_DEQUANTIZE)
         else:
-            weights, absmax, blocksize = [f.packed for f in fused], [f.absmax for f in fused], fused[0].blocksize
-            kernel = ctypes.cast(_NATIVE_GEMV, ctypes.c_void_p).value
+            weights, gemv, dequantize = [f.packed for f in fused], address(_NATIVE_GEMV), 0
         return module.LeanStep(
             self.embed, self.final_norm, [layer.input_norm for layer in self.layers],
-            [layer.post_norm for layer in self.layers], weights, absmax, [list(f.shape) for f in fused],
-            [list(f.splits) for f in fused], blocksize, kernel, self.heads, self.kv_heads, self.head_dim,
-            float(self.scaling), self.eps, self.cos, self.sin)
+            [layer.post_norm for layer in self.layers], weights, [f.absmax for f in fused],
+            [list(f.shape) for f in fused], [list(f.splits) for f in fused], fused[0].blocksize, gemv, dequantize,
+            self.heads, self.kv_heads, self.head_dim, float(self.scaling), self.eps, self.cos, self.sin)
 
     def _hand_stacks(self, stacks: list[dict[str, tuple | None]]) -> None:
         """Give the C++ loop the rows' LoRA stacks when they changed (scalings as tensors: a float32
@@ -609,7 +666,7 @@ def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
 def _cpu_layout(inner) -> bool:
     """Whether bitsandbytes repacked the 4-bit weights into its AVX512-BF16 tile layout (it does at
     the first forward pass on a CPU that has the instructions); if not, they are in its standard
-    layout and the decoder multiplies float32 copies."""
+    layout and the decoder dequantizes them for each product."""
     state = getattr(_base_layer(inner.model.layers[0].self_attn.q_proj).weight, "quant_state", None)
     return bool(getattr(state, "packing_format_for_cpu", False))
 

@@ -114,13 +114,9 @@ class Engine:
 
     @property
     def decoder_layout(self) -> str | None:
-        """The lean decoder's matrices: "nf4 kernel" (bitsandbytes' AVX512-BF16 kernel) or "float32
-        copies" (other CPUs); None on the transformers path."""
+        """The lean decoder's matrices: "nf4 kernel" (bitsandbytes' AVX512-BF16 kernel) or "nf4
+        dequantized" (other CPUs: dequantized to float32 for each product); None on the transformers path."""
         return self._decoder.layout if self._decoder is not None else None
-
-    def decoder_weights(self) -> list[torch.Tensor]:
-        """The matrices a lean decode step reads, four per layer (the bench times reading them)."""
-        return self._decoder.matrices() if self._decoder is not None else []
 
     def close(self) -> None:
         """Stop the generation thread and wait for it; answers still running end with an error.

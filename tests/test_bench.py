@@ -95,7 +95,7 @@ def test_engine_figures_from_plain_prompts(engine) -> None:
 
 def test_float32_path_figures_beside_the_4bit_kernel(engine, settings, test_adapters) -> None:
     """measure_float32_path starts a second engine on bitsandbytes' standard layout (forced) and
-    measures it against the first, alternating; its floor is reading the float32 copies once."""
+    measures it against the first, alternating."""
     from domainchat.bench import measure_float32_path
 
     if engine.decoder_layout != "nf4 kernel":
@@ -104,6 +104,3 @@ def test_float32_path_figures_beside_the_4bit_kernel(engine, settings, test_adap
     assert report["decode_float32_path_tokens_per_s"] > 1 and report["decode_4bit_path_alongside_tokens_per_s"] > 1
     assert report["float32_path_slowdown_vs_4bit"] == round(
         report["decode_4bit_path_alongside_tokens_per_s"] / report["decode_float32_path_tokens_per_s"], 2)
-    assert report["float32_weights_read_ms"] > 0
-    # no step reads its weights faster than reading them alone
-    assert report["float32_path_ceiling_tokens_per_s"] > report["decode_float32_path_tokens_per_s"]

@@ -224,7 +224,7 @@ def test_the_standard_layout_path_matches_transformers_and_batches(standard_layo
     engine = standard_layout_engine
     lean = engine._decoder
     assert lean is not None and isinstance(lean.layers[0].qkv, DequantizedLinear), (
-        "without the tile layout the lean decoder should serve from float32 copies")
+        "without the tile layout the lean decoder should dequantize the standard layout")
     for adapter in (None, "alpha"):
         for messages in PROMPTS:
             assert engine.complete(messages, adapter, GREEDY) == transformers_reply(engine, messages, adapter, GREEDY)
@@ -233,6 +233,27 @@ def test_the_standard_layout_path_matches_transformers_and_batches(standard_layo
     results, widest = answer_together(engine, lean, adapters)
     assert results == {i: solo[adapters[i]] for i in range(len(adapters))}, "a batch row answers as it would alone"
     assert widest >= 2, "concurrent requests should share decode steps"
+
+
+def test_dequantized_matrices_are_bitsandbytes_own(standard_layout_engine: Engine,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard layout's fused matrices dequantize to exactly what bitsandbytes gives for each
+    layer, through its kernel called directly and through its op (where the kernel is missing), and
+    the model's layers now read the fused bytes instead of their own copies."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from domainchat import decoder
+
+    lean = standard_layout_engine._decoder
+    block = standard_layout_engine.model.get_base_model().model.layers[0]
+    layers = [decoder._base_layer(getattr(block.self_attn, name)) for name in ("q_proj", "k_proj", "v_proj")]
+    expected = torch.cat([dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in layers])
+    fused = lean.layers[0].qkv
+    assert fused.native, "this bitsandbytes exports its dequantize kernel: the fast path should be on"
+    assert torch.equal(fused.weight(), expected)
+    assert layers[1].weight.data.data_ptr() == fused.plain.data_ptr() + layers[0].weight.data.numel()
+    monkeypatch.setattr(decoder, "_NATIVE_DEQUANTIZE", None)
+    assert not fused.native and torch.equal(fused.weight(), expected)
 
 
 def test_declines_a_model_it_does_not_understand() -> None:
@@ -290,8 +311,8 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
                                             (["beta", None, "alpha"], 2), (["alpha", "beta"], 1)])
 
 
-def test_the_cpp_layer_loop_gives_the_python_loops_bits_on_float32_copies(standard_layout_engine: Engine) -> None:
-    """Without AVX512-BF16 the C++ loop multiplies the float32 copies (no row split there: several
+def test_the_cpp_layer_loop_gives_the_python_loops_bits_on_the_standard_layout(standard_layout_engine: Engine) -> None:
+    """Without AVX512-BF16 the C++ loop dequantizes each matrix and multiplies it (no row split there: several
     rows' float32 products depend on the rows in the call)."""
     lean = standard_layout_engine._decoder
     assert lean is not None and isinstance(lean.layers[0].qkv, DequantizedLinear)

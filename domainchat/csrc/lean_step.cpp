@@ -2,9 +2,11 @@
 // order and shapes as LeanDecoder._step_layers_python (so the same kernels and the same bits), without
 // the Python interpreter between them, and, on bitsandbytes' 4-bit kernel, with a batch's rows in two
 // halves on two threads (a row's arithmetic never depends on the other rows of its call there). The
-// matrices are the 4-bit kernel's or the float32 copies (CPUs without AVX512-BF16). decoder.py builds
-// it at start and falls back to the Python loop when it cannot be compiled. It owns nothing: every
-// tensor is the decoder's.
+// matrices are bitsandbytes' CPU tile layout, multiplied by its 4-bit kernel, or, on CPUs without
+// AVX512-BF16, its standard layout, dequantized to float32 by its kernel and multiplied by at::linear,
+// as bitsandbytes' op does for transformers. decoder.py builds it at start and falls back to the
+// Python loop when it cannot be compiled. It owns nothing but a float32 buffer per thread: every
+// other tensor is the decoder's.
 #include <torch/extension.h>
 
 #include <exception>
@@ -20,8 +22,11 @@ namespace {
 // out, blocksize, x row stride, out row stride.
 using Gemv = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const void*, void*, int64_t,
                       int64_t, int64_t);
+// bitsandbytes' nf4 -> float32 dequantize kernel for its standard layout: packed bytes, float32
+// absmax, out, blocksize, rows, columns.
+using Dequantize = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t);
 
-struct Linear {  // a fused matrix: bitsandbytes' packed nf4 with its absmax, or float32 [N, K] (no absmax)
+struct Linear {  // a fused matrix: bitsandbytes' packed nf4 (either layout) with its absmax
   Tensor packed;
   Tensor absmax;
   int64_t n;
@@ -41,7 +46,8 @@ class LeanStep {
  public:
   LeanStep(Tensor embed, Tensor final_norm, std::vector<Tensor> input_norms, std::vector<Tensor> post_norms,
            std::vector<Tensor> packed, std::vector<Tensor> absmax, std::vector<std::vector<int64_t>> shapes,
-           std::vector<std::vector<int64_t>> splits, int64_t blocksize, int64_t gemv_address, int64_t heads,
+           std::vector<std::vector<int64_t>> splits, int64_t blocksize, int64_t gemv_address,
+           int64_t dequantize_address, int64_t heads,
            int64_t kv_heads, int64_t head_dim, double scaling, double eps, Tensor cos, Tensor sin)
       : embed_(std::move(embed)),
         final_norm_(std::move(final_norm)),
@@ -49,6 +55,7 @@ class LeanStep {
         post_norms_(std::move(post_norms)),
         blocksize_(blocksize),
         gemv_(reinterpret_cast<Gemv>(gemv_address)),
+        dequantize_(reinterpret_cast<Dequantize>(dequantize_address)),
         heads_(heads),
         kv_heads_(kv_heads),
         head_dim_(head_dim),
@@ -59,6 +66,7 @@ class LeanStep {
     TORCH_CHECK(packed.size() == absmax.size() && packed.size() == shapes.size() && packed.size() == splits.size(),
                 "one packed weight, absmax, shape and split list per matrix");
     TORCH_CHECK(packed.size() == 4 * input_norms_.size(), "four matrices per layer");
+    TORCH_CHECK((gemv_ == nullptr) != (dequantize_ == nullptr), "either the 4-bit kernel or the dequantize kernel");
     for (size_t i = 0; i < packed.size(); ++i) {
       linears_.push_back(Linear{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
     }
@@ -177,10 +185,17 @@ class LeanStep {
     return x * cos + at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1) * sin;
   }
 
-  // decoder.FusedLinear.gemv (bitsandbytes' kernel) or, without one (gemv_address 0: the float32
-  // copies of DequantizedLinear, CPUs without AVX512-BF16), DequantizedLinear.gemv.
+  // decoder.FusedLinear.gemv (bitsandbytes' kernel) or, without one (CPUs without AVX512-BF16),
+  // DequantizedLinear.gemv: the whole matrix dequantized into this thread's buffer (64-byte aligned
+  // by torch's allocator, as the op's fresh tensor is), then one product.
   Tensor gemv(const Tensor& x, const Linear& w) const {
-    if (gemv_ == nullptr) return at::linear(x, w.packed);
+    if (gemv_ == nullptr) {
+      thread_local Tensor buffer;
+      if (!buffer.defined() || buffer.numel() < w.n * w.k) buffer = at::empty({w.n * w.k}, x.options());
+      Tensor weight = buffer.slice(0, 0, w.n * w.k).view({w.n, w.k});
+      dequantize_(w.packed.data_ptr(), w.absmax.data_ptr(), weight.data_ptr(), blocksize_, w.n, w.k);
+      return at::linear(x, weight);
+    }
     Tensor rows = x.to(at::kBFloat16).contiguous();
     Tensor out = at::empty({rows.size(0), w.n}, rows.options());
     gemv_(rows.size(0), w.n, w.k, rows.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(), out.data_ptr(),
@@ -214,7 +229,8 @@ class LeanStep {
   std::vector<Linear> linears_;  // four per layer: qkv, o, gate_up, down
   std::vector<Stack> stacks_;
   int64_t blocksize_;
-  Gemv gemv_;  // nullptr: float32 matrices
+  Gemv gemv_;              // nullptr: the standard layout, through dequantize_
+  Dequantize dequantize_;  // nullptr: the tile layout, through gemv_
   int64_t heads_, kv_heads_, head_dim_;
   double scaling_, eps_;
   Tensor cos_, sin_;
@@ -226,7 +242,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LeanStep>(m, "LeanStep")
       .def(py::init<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, double, double, Tensor, Tensor>())
+                    int64_t, int64_t, int64_t, double, double, Tensor, Tensor>())
       .def("set_stacks", &LeanStep::set_stacks)
       .def("step", &LeanStep::step, py::call_guard<py::gil_scoped_release>());
 }
