@@ -311,11 +311,11 @@ class KVCache:
 class LeanDecoder:
     """Fused forward passes over a loaded 4-bit Llama; see the module docstring."""
     # On AVX2 a step of the 135M model dequantizes 106M weights (13-14 ms on one thread, here and in
-    # an AVX2 kernel of our own alike) and multiplies them from cache (~10 ms). Two intra-op threads
-    # gained nothing in the batcher's thread (25.3 vs 26.3 tokens/s): waking them 240 times a step
-    # costs what the second core saves. Smaller pieces that stay in L2 were slower still: a product
-    # of 16-100 rows costs the BLAS several microseconds of setup (all 120 matrices in 64 KB pieces
-    # took 54 ms against 22 whole, measured).
+    # an AVX2 kernel of our own alike) and multiplies them from cache (~8-10 ms). OpenMP's second
+    # thread gained nothing in the batcher's thread (25.3 vs 26.3 tokens/s: waking it 240 times a
+    # step costs what the second core saves); the C++ loop's own helper thread, which spins between
+    # a step's products, takes half of each matrix's rows (decode 28.4 -> 36.7 tokens/s, measured).
+    # Pieces small enough to stay in L2 saved nothing (21.0 vs 21.6 ms for the 120 products).
 
     def __init__(self, model, layers: list[LayerWeights], loras: dict[str, list[dict[str, LoraGroup]]]) -> None:
         # "dense": prompts go through bfloat16 matrix multiplies (2.5x faster at 700 tokens and as
@@ -338,7 +338,7 @@ class LeanDecoder:
         self.eps = float(config.rms_norm_eps)
         self.lm_head = inner.lm_head.weight
         self.layout = "nf4 kernel" if isinstance(layers[0].qkv, FusedLinear) else "nf4 dequantized"
-        self.output = OutputLayer(self.lm_head, self.threads, transposed=self.layout == "nf4 kernel")
+        self.output = OutputLayer(self.lm_head, self.threads, transposed=True)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -614,9 +614,10 @@ class LeanDecoder:
             return self._step_layers_python(tokens, caches, stacks)
         self._hand_stacks(stacks)
         lengths = [cache.length for cache in caches]
-        # Rows in two halves on two threads where each row's products do not depend on the others in
-        # its call (the 4-bit kernel); float32 products of several rows do, and they are memory-bound.
-        split = self.threads > 1 and self.layout == "nf4 kernel"
+        # A second thread: half of a batch's rows on the 4-bit kernel (a row's products there do not
+        # depend on the others in its call; float32 products of several rows do), half of each
+        # matrix's rows on the standard layout.
+        split = self.threads > 1
         hidden = self.native.step(torch.tensor(list(tokens)), torch.tensor(lengths), [c.keys for c in caches],
                                   [c.values for c in caches], lengths, split)
         for cache in caches:

@@ -52,14 +52,13 @@ class OutputLayer:
     slice a thread, contiguous) and multiplies the slices on parallel threads: decode steps of 2, 3
     and 4 rows went from 43.9 / 58.3 / 46.5 ms to 27.8 / 33.9 / 39.8 ms on 2 cores (A/B in one
     process, docs/bench.md). Like every several-row product the logits agree with the one-row product to ~1e-6.
-    The copies cost 4 bytes a weight (113 MB for the 135M model), so they are made only on the
-    4-bit kernel path: on AVX2 the decoder's float32 layer copies already take the serving peak to
-    the edge of its 1.5 GB target, and there the whole product is used for any number of rows.
+    The copies cost 4 bytes a weight (113 MB for the 135M model); `transposed=False` skips them and
+    the screen (the whole product then serves any number of rows).
 
     Screening (`pick`): most of the vocabulary cannot be the next token, and reading all of the
     float32 weight for it is most of the product's time (it reads 113 MB: ~9.5 ms a row). With a
-    bfloat16 copy (56 MB, also on the 4-bit kernel path only) the product is estimated for every
-    token in ~3.3 ms (3.5 for four rows), each estimate with a radius that provably holds the
+    bfloat16 copy (56 MB) the product is estimated for every token in ~3.3 ms (3.5 for four rows;
+    1.7 for one with ATen held to AVX2, as on a CPU without AVX512-BF16, measured), each estimate with a radius that provably holds the
     float32 logit (Cauchy-Schwarz over the rounding of the weight and of the hidden state, plus
     float32 accumulation and the bfloat16 output's rounding). The caller's `pick` says, from
     estimates and radii, which tokens it could choose (sampling.Sampler.candidates); those alone

@@ -9,7 +9,14 @@
 // other tensor is the decoder's.
 #include <torch/extension.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <exception>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -32,6 +39,74 @@ struct Linear {  // a fused matrix: bitsandbytes' packed nf4 (either layout) wit
   int64_t n;
   int64_t k;
   std::vector<int64_t> splits;
+  int64_t half = 0;  // standard layout: the row where a product's second thread starts (0: one thread)
+};
+
+// A second thread that runs one job at a time for the caller, which waits for it: the other half of
+// each dequantized product. Posting 120 jobs a step through OpenMP or a new thread costs a wake-up
+// each (tens of microseconds, more than a half product saves), so it spins a while between jobs
+// and sleeps only when none came for kIdle (between steps, leaving the core to the server).
+class Helper {
+ public:
+  Helper() : thread_([this] { loop(); }) {}
+  ~Helper() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_one();
+    thread_.join();
+  }
+
+  // Runs `job` on the helper while the caller runs `mine`, then waits for both (rethrows either's error).
+  void together(const std::function<void()>& job, const std::function<void()>& mine) {
+    job_ = &job;
+    failure_ = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      posted_.store(true, std::memory_order_release);
+    }
+    wake_.notify_one();
+    std::exception_ptr own;
+    try {
+      mine();
+    } catch (...) {
+      own = std::current_exception();
+    }
+    while (posted_.load(std::memory_order_acquire)) std::this_thread::yield();
+    if (own) std::rethrow_exception(own);
+    if (failure_) std::rethrow_exception(failure_);
+  }
+
+ private:
+  static constexpr auto kIdle = std::chrono::microseconds(500);
+
+  void loop() {
+    at::set_num_threads(1);
+    while (true) {
+      auto spun_since = std::chrono::steady_clock::now();
+      while (!posted_.load(std::memory_order_acquire)) {
+        if (std::chrono::steady_clock::now() - spun_since < kIdle) continue;
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return stop_ || posted_.load(std::memory_order_acquire); });
+        if (stop_) return;
+      }
+      try {
+        (*job_)();
+      } catch (...) {
+        failure_ = std::current_exception();
+      }
+      posted_.store(false, std::memory_order_release);
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stop_ = false;
+  std::atomic<bool> posted_{false};
+  const std::function<void()>* job_ = nullptr;
+  std::exception_ptr failure_;
+  std::thread thread_;  // last: started once the members above exist
 };
 
 struct Stack {  // one fused matrix's LoRA for the rows of a batch (see LeanDecoder._stacks)
@@ -69,6 +144,7 @@ class LeanStep {
     TORCH_CHECK((gemv_ == nullptr) != (dequantize_ == nullptr), "either the 4-bit kernel or the dequantize kernel");
     for (size_t i = 0; i < packed.size(); ++i) {
       linears_.push_back(Linear{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
+      if (dequantize_ != nullptr) linears_.back().half = half_row(shapes[i][0], shapes[i][1]);
     }
     stacks_.resize(packed.size());
   }
@@ -94,9 +170,17 @@ class LeanStep {
   // value at position lengths[row] of its cache (the caller advances the lengths). With `split`
   // and two rows or more, the rows' second half runs on a second thread: rows never mix, and each
   // kernel computes a row alike whatever other rows share its call.
+  // On the standard layout `split` instead runs each product's second half of the matrix's rows on a
+  // helper thread: the rows of a batch share every product there, and a float32 product's output
+  // columns do not depend on the others in the call (the tests compare against whole products).
   Tensor step(const Tensor& tokens, const Tensor& positions, const std::vector<Tensor>& keys,
               const std::vector<Tensor>& values, const std::vector<int64_t>& lengths, bool split) {
     const int64_t rows = tokens.size(0);
+    if (dequantize_ != nullptr) {
+      if (split && !helper_) helper_ = std::make_unique<Helper>();
+      halves_ = split;
+      return step_rows(tokens, positions, keys, values, lengths, 0);
+    }
     if (!split || rows < 2) return step_rows(tokens, positions, keys, values, lengths, 0);
     const int64_t half = (rows + 1) / 2;
     const bool inference = c10::InferenceMode::is_enabled();
@@ -129,6 +213,13 @@ class LeanStep {
     worker.join();
     if (failure) std::rethrow_exception(failure);
     return at::cat({first, second});
+  }
+
+  // Each matrix's split row for two threads on the standard layout (0: one thread; all 0 on the tile layout).
+  std::vector<int64_t> halves() const {
+    std::vector<int64_t> rows;
+    for (const Linear& w : linears_) rows.push_back(w.half);
+    return rows;
   }
 
  private:
@@ -186,21 +277,51 @@ class LeanStep {
   }
 
   // decoder.FusedLinear.gemv (bitsandbytes' kernel) or, without one (CPUs without AVX512-BF16),
-  // DequantizedLinear.gemv: the whole matrix dequantized into this thread's buffer (64-byte aligned
-  // by torch's allocator, as the op's fresh tensor is), then one product.
+  // DequantizedLinear.gemv, in two halves of the matrix's rows on two threads when halves_.
   Tensor gemv(const Tensor& x, const Linear& w) const {
     if (gemv_ == nullptr) {
-      thread_local Tensor buffer;
-      if (!buffer.defined() || buffer.numel() < w.n * w.k) buffer = at::empty({w.n * w.k}, x.options());
-      Tensor weight = buffer.slice(0, 0, w.n * w.k).view({w.n, w.k});
-      dequantize_(w.packed.data_ptr(), w.absmax.data_ptr(), weight.data_ptr(), blocksize_, w.n, w.k);
-      return at::linear(x, weight);
+      if (!halves_ || w.half == 0) return dequantized_product(x, w, 0, w.n);
+      const bool inference = c10::InferenceMode::is_enabled();
+      const bool grad = at::GradMode::is_enabled();
+      Tensor first, second;
+      helper_->together(
+          [&] {
+            c10::InferenceMode inference_guard(inference);
+            at::AutoGradMode grad_guard(grad);
+            second = dequantized_product(x, w, w.half, w.n);
+          },
+          [&] { first = dequantized_product(x, w, 0, w.half); });
+      return at::cat({first, second}, 1);
     }
     Tensor rows = x.to(at::kBFloat16).contiguous();
     Tensor out = at::empty({rows.size(0), w.n}, rows.options());
     gemv_(rows.size(0), w.n, w.k, rows.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(), out.data_ptr(),
           blocksize_, rows.stride(0), out.stride(0));
     return out.to(at::kFloat);
+  }
+
+  // Rows [begin, end) of the matrix dequantized into this thread's buffer (64-byte aligned by torch's
+  // allocator, as the op's fresh tensor is), then x times them: those columns of the whole product.
+  Tensor dequantized_product(const Tensor& x, const Linear& w, int64_t begin, int64_t end) const {
+    thread_local Tensor buffer;
+    const int64_t count = (end - begin) * w.k;
+    if (!buffer.defined() || buffer.numel() < count) buffer = at::empty({count}, x.options());
+    Tensor weight = buffer.slice(0, 0, count).view({end - begin, w.k});
+    dequantize_(static_cast<const uint8_t*>(w.packed.data_ptr()) + begin * w.k / 2,
+                static_cast<const float*>(w.absmax.data_ptr()) + begin * w.k / blocksize_, weight.data_ptr(),
+                blocksize_, end - begin, w.k);
+    return at::linear(x, weight);
+  }
+
+  // Where a matrix of n rows of k splits for two threads: near the middle, on a row that starts a
+  // quantization block and a 64-byte line, and leaves both halves a multiple of 8 rows (the BLAS sums
+  // a remainder of rows in another order). 0 where no such row is.
+  int64_t half_row(int64_t n, int64_t k) const {
+    int64_t unit = std::lcm<int64_t>(8, blocksize_ / std::gcd(k, blocksize_));
+    unit = std::lcm<int64_t>(unit, 16 / std::gcd<int64_t>(k, 16));
+    if (n % 8 != 0) return 0;
+    const int64_t half = n / 2 / unit * unit;
+    return half > 0 && half < n ? half : 0;
   }
 
   // The stacks hold every row of the batch; `first_row` and x's rows say which are computed here.
@@ -231,6 +352,8 @@ class LeanStep {
   int64_t blocksize_;
   Gemv gemv_;              // nullptr: the standard layout, through dequantize_
   Dequantize dequantize_;  // nullptr: the tile layout, through gemv_
+  std::unique_ptr<Helper> helper_;  // the second thread of dequantized products, made at the first split
+  bool halves_ = false;             // this step splits dequantized products
   int64_t heads_, kv_heads_, head_dim_;
   double scaling_, eps_;
   Tensor cos_, sin_;
@@ -244,5 +367,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, int64_t, int64_t, int64_t,
                     int64_t, int64_t, int64_t, double, double, Tensor, Tensor>())
       .def("set_stacks", &LeanStep::set_stacks)
+      .def("halves", &LeanStep::halves)
       .def("step", &LeanStep::step, py::call_guard<py::gil_scoped_release>());
 }
