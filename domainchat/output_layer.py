@@ -58,15 +58,16 @@ class OutputLayer:
     Screening (`pick`): most of the vocabulary cannot be the next token, and reading all of the
     float32 weight for it is most of the product's time (it reads 113 MB: ~9.5 ms a row). With a
     bfloat16 copy (56 MB) the product is estimated for every token in ~3.3 ms (3.5 for four rows;
-    1.7 for one with ATen held to AVX2, as on a CPU without AVX512-BF16, measured), each estimate with a radius that provably holds the
-    float32 logit (Cauchy-Schwarz over the rounding of the weight and of the hidden state, plus
-    float32 accumulation and the bfloat16 output's rounding). The caller's `pick` says, from
-    estimates and radii, which tokens it could choose (sampling.Sampler.candidates); those alone
-    are multiplied in float32, as entries of the one-row product, bit-equal to it (the rows are
-    gathered in multiples of EXACT_ROWS and as far from a 64-byte boundary as the weight's rows: the
-    BLAS sums a matrix's last rows in another order when their count is not a multiple of 8, and
-    rows that start elsewhere too, measured; `_exact_rows_agree` checks it on this CPU and this
-    weight before screening is used), and every other token gets -inf."""
+    1.7 for one with ATen held to AVX2, as on a CPU without AVX512-BF16, measured), each estimate
+    with a radius that provably holds the float32 logit (Cauchy-Schwarz over the rounding of the
+    weight and of the hidden state, plus float32 accumulation and the bfloat16 output's rounding).
+    The caller's `pick` says, from estimates and radii, which tokens it could choose
+    (sampling.Sampler.candidates); those alone are multiplied in float32, as entries of the one-row
+    product, bit-equal to it (the rows are gathered in multiples of EXACT_ROWS and as far from a
+    64-byte boundary as the weight's rows: the BLAS sums a matrix's last rows in another order when
+    their count is not a multiple of 8, and rows that start elsewhere too, measured;
+    `_exact_rows_agree` checks it on this CPU and this weight before screening is used), and every
+    other token gets -inf."""
 
     def __init__(self, weight: torch.Tensor, threads: int, transposed: bool) -> None:
         weight = weight.detach()  # a model without adapters leaves its weights trainable; same storage

@@ -280,18 +280,19 @@ class LeanStep {
   // DequantizedLinear.gemv, in two halves of the matrix's rows on two threads when halves_.
   Tensor gemv(const Tensor& x, const Linear& w) const {
     if (gemv_ == nullptr) {
-      if (!halves_ || w.half == 0) return dequantized_product(x, w, 0, w.n);
+      Tensor out = at::empty({x.size(0), w.n}, x.options());
+      if (!halves_ || w.half == 0) {
+        dequantized_product(x, w, 0, w.n, out);
+        return out;
+      }
       const bool inference = c10::InferenceMode::is_enabled();
-      const bool grad = at::GradMode::is_enabled();
-      Tensor first, second;
       helper_->together(
           [&] {
             c10::InferenceMode inference_guard(inference);
-            at::AutoGradMode grad_guard(grad);
-            second = dequantized_product(x, w, w.half, w.n);
+            dequantized_product(x, w, w.half, w.n, out);
           },
-          [&] { first = dequantized_product(x, w, 0, w.half); });
-      return at::cat({first, second}, 1);
+          [&] { dequantized_product(x, w, 0, w.half, out); });
+      return out;
     }
     Tensor rows = x.to(at::kBFloat16).contiguous();
     Tensor out = at::empty({rows.size(0), w.n}, rows.options());
@@ -301,8 +302,9 @@ class LeanStep {
   }
 
   // Rows [begin, end) of the matrix dequantized into this thread's buffer (64-byte aligned by torch's
-  // allocator, as the op's fresh tensor is), then x times them: those columns of the whole product.
-  Tensor dequantized_product(const Tensor& x, const Linear& w, int64_t begin, int64_t end) const {
+  // allocator, as the op's fresh tensor is), then x times them into those columns of `out`: the
+  // product at::linear computes (at::mm writes a row-major slice in place, through its row stride).
+  void dequantized_product(const Tensor& x, const Linear& w, int64_t begin, int64_t end, Tensor& out) const {
     thread_local Tensor buffer;
     const int64_t count = (end - begin) * w.k;
     if (!buffer.defined() || buffer.numel() < count) buffer = at::empty({count}, x.options());
@@ -310,7 +312,8 @@ class LeanStep {
     dequantize_(static_cast<const uint8_t*>(w.packed.data_ptr()) + begin * w.k / 2,
                 static_cast<const float*>(w.absmax.data_ptr()) + begin * w.k / blocksize_, weight.data_ptr(),
                 blocksize_, end - begin, w.k);
-    return at::linear(x, weight);
+    Tensor columns = out.slice(1, begin, end);
+    at::mm_out(columns, x, weight.t());
   }
 
   // Where a matrix of n rows of k splits for two threads: near the middle, on a row that starts a
