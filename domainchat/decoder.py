@@ -13,17 +13,17 @@ Why it exists: transformers + peft spend most of a decode step in Python and in 
 calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching
 sequences and fusing layers is where the speed is (docs/bench.md has the figures). A decode step's
 layer loop is ~150 small ATen calls a layer; where a C++ compiler is, it runs from
-csrc/lean_step.cpp, the same calls in the same order without the interpreter between them (layers
-of a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side), and on the
-4-bit kernel with two threads it runs a batch's
-rows in two halves, one a thread (four rows 16.5 -> 11.6 ms). Decode steps do the same arithmetic
-as the transformers path (same kernels, same dtypes, same order; a test checks greedy outputs
-match token for token when the prompt is prefilled with transformers' kernel too). On AVX512-BF16
-the default prefill uses bfloat16 matrix multiplies instead, as accurate against float32
-but not bit-equal, so a near-tie may resolve differently. On AVX2 bfloat16 has no
-hardware support (a 700-token prefill took 10.8 s in bfloat16, measured), so both prefill and
-decode multiply the dequantized float32 matrices: a single sequence gets the transformers path's
-products exactly; rows of a batch go through the several-row kernel and agree to ~1e-6.
+csrc/lean_step.cpp, the same calls in the same order without the interpreter between them (layers of
+a one-row step 14.0 -> 8.2 ms, four rows 24.3 -> 17.5 ms, measured side by side), and on the 4-bit
+kernel with two threads it runs a batch's rows in two halves, one a thread (four rows 16.5 -> 11.6
+ms); on the standard layout, half of each matrix's rows (decode 28.4 -> 36.7 tokens/s). Decode steps
+do the same arithmetic as the transformers path (same kernels, same dtypes, same order; a test
+checks greedy outputs match token for token when the prompt is prefilled with transformers' kernel
+too). On AVX512-BF16 the default prefill uses bfloat16 matrix multiplies instead, as accurate
+against float32 but not bit-equal, so a near-tie may resolve differently. On AVX2 bfloat16 has no
+hardware support (a 700-token prefill took 10.8 s in bfloat16, measured), so both prefill and decode
+multiply the dequantized float32 matrices: a single sequence gets the transformers path's products
+exactly; rows of a batch go through the several-row kernel and agree to ~1e-6.
 
 It knows nothing of chat, sampling or scheduling: the batcher gives it token ids, caches and
 adapter names and gets logits back. It reads the weights of the model the engine loaded (peft +

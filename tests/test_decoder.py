@@ -312,14 +312,15 @@ def test_the_cpp_layer_loop_gives_the_python_loops_bits(engine: Engine, lean: Le
 
 
 def test_the_cpp_layer_loop_gives_the_python_loops_bits_on_the_standard_layout(standard_layout_engine: Engine) -> None:
-    """Without AVX512-BF16 the C++ loop dequantizes each matrix and multiplies it, with two threads in
-    two halves of the matrix's rows (not of the batch's rows: several rows' float32 products depend
-    on the rows in the call)."""
+    """Without AVX512-BF16 the C++ loop dequantizes each matrix and multiplies it, with two threads
+    (threads=2) in two halves of the matrix's rows (not of the batch's rows: several rows' float32
+    products depend on the rows in the call), with one in a piece."""
     lean = standard_layout_engine._decoder
     assert lean is not None and isinstance(lean.layers[0].qkv, DequantizedLinear)
     if lean.native is not None:  # with two threads every product here is split in two halves
         assert all(lean.native.halves()), lean.native.halves()
-    _cpp_loop_matches_python(standard_layout_engine, lean, [(["alpha"], 2), (["alpha", None, "beta", "alpha"], 2)])
+    _cpp_loop_matches_python(standard_layout_engine, lean, [(["alpha"], 2), (["alpha", None, "beta", "alpha"], 2),
+                                                           (["beta", None], 1)])
 
 
 def test_a_cpp_build_that_fails_leaves_the_python_loop(monkeypatch: pytest.MonkeyPatch,
