@@ -190,7 +190,8 @@ class DequantizedLinear:
     buffer, measured). Keeping float32 copies instead (as this did before) costs 425 MB for that model
     and is slower: a step then reads them from memory (34 ms a pass on one thread), where reading
     the 4-bit bytes, dequantizing into a buffer that stays in L3 and multiplying it takes ~25 (14 +
-    11); decode on this path went from 19.5 to 26.3 tokens/s (`domainchat bench`'s float32 figure)."""
+    11); decode on this path went from 19.5 to 26.3 tokens/s (39.4 with the C++ loop's helper thread;
+    `domainchat bench`'s float32 figure)."""
 
     plain: torch.Tensor  # [N*K/2, 1] uint8: the layers' packed bytes, one after another
     absmax: torch.Tensor  # [N*K/blocksize] float32
@@ -413,6 +414,9 @@ class LeanDecoder:
                         return f"{name} has a bias"
                     if cpu_layout and int(state.shape[0]) % BNB_CPU_BLOCK_N:
                         return f"{name} has {state.shape[0]} outputs, not a multiple of {BNB_CPU_BLOCK_N}"
+                    if not cpu_layout and int(state.shape[0]) * int(state.shape[1]) % state.blocksize:
+                        # fused matrices join the layers' bytes and block scales end to end
+                        return f"{name} is not a whole number of nf4 blocks of {state.blocksize}"
                     adapted = getattr(parent, name)
                     if any(getattr(adapted, "use_dora", {}).values()) or getattr(adapted, "lora_variant", None):
                         return f"{name} uses a LoRA variant (such as DoRA)"

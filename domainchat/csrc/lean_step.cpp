@@ -5,8 +5,8 @@
 // matrices are bitsandbytes' CPU tile layout, multiplied by its 4-bit kernel, or, on CPUs without
 // AVX512-BF16, its standard layout, dequantized to float32 by its kernel and multiplied by at::linear,
 // as bitsandbytes' op does for transformers. decoder.py builds it at start and falls back to the
-// Python loop when it cannot be compiled. It owns nothing but a float32 buffer per thread: every
-// other tensor is the decoder's.
+// Python loop when it cannot be compiled. It owns a float32 buffer per thread and, on the standard
+// layout, a helper thread for half of each product; every other tensor is the decoder's.
 #include <torch/extension.h>
 
 #include <atomic>
