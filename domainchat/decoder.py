@@ -195,6 +195,7 @@ class DequantizedLinear:
 
     plain: torch.Tensor  # [N*K/2, 1] uint8: the layers' packed bytes, one after another
     absmax: torch.Tensor  # [N*K/blocksize] float32
+    code: torch.Tensor  # the 16 nf4 values
     blocksize: int
     shape: tuple[int, int]  # (N, K)
     splits: tuple[int, ...]
@@ -211,7 +212,8 @@ class DequantizedLinear:
                 layer.weight.data = plain[offset:offset + count]
                 offset += count
         absmax = torch.cat([_float_absmax(s) for s in states])
-        return cls(plain, absmax, states[0].blocksize, (sum(splits), int(states[0].shape[1])), splits)
+        return cls(plain, absmax, states[0].code.float(), states[0].blocksize, (sum(splits), int(states[0].shape[1])),
+                   splits)
 
     def weight(self) -> torch.Tensor:
         """The float32 matrix [N, K], as bitsandbytes dequantizes it. Through the kernel it lands in
@@ -590,7 +592,7 @@ class LeanDecoder:
             self.embed, self.final_norm, [layer.input_norm for layer in self.layers],
             [layer.post_norm for layer in self.layers], weights, [f.absmax for f in fused],
             [list(f.shape) for f in fused], [list(f.splits) for f in fused], fused[0].blocksize, gemv, dequantize,
-            self.heads, self.kv_heads, self.head_dim, float(self.scaling), self.eps, self.cos, self.sin)
+            fused[0].code, self.heads, self.kv_heads, self.head_dim, float(self.scaling), self.eps, self.cos, self.sin)
 
     def _hand_stacks(self, stacks: list[dict[str, tuple | None]]) -> None:
         """Give the C++ loop the rows' LoRA stacks when they changed (scalings as tensors: a float32

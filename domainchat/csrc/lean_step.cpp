@@ -9,6 +9,8 @@
 // layout, a helper thread for half of each product; every other tensor is the decoder's.
 #include <torch/extension.h>
 
+#include <immintrin.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -32,6 +34,34 @@ using Gemv = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const
 // bitsandbytes' nf4 -> float32 dequantize kernel for its standard layout: packed bytes, float32
 // absmax, out, blocksize, rows, columns.
 using Dequantize = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t);
+
+// nf4 -> float32 for `count` values from `packed` (two a byte, high nibble first), block by block:
+// each block's 16 values are code[i] * absmax once, then looked up, so every element is the one
+// float32 product bitsandbytes' kernel computes (the tests compare both), in 70% of its time (9.7 vs
+// 13.5 ms for the 135M model's 120 matrices on one thread, measured). AVX2; callers check for it.
+__attribute__((target("avx2"))) void dequantize_nf4_avx2(const uint8_t* packed, const float* absmax,
+                                                        const float* code, float* out, int64_t count,
+                                                        int64_t blocksize) {
+  const __m256 low_code = _mm256_loadu_ps(code), high_code = _mm256_loadu_ps(code + 8);
+  const __m256i seven = _mm256_set1_epi32(7);
+  const __m128i nibble = _mm_set1_epi8(15);
+  for (int64_t block = 0; block < count / blocksize; ++block) {
+    const __m256 scale = _mm256_set1_ps(absmax[block]);
+    const __m256 low = _mm256_mul_ps(low_code, scale), high = _mm256_mul_ps(high_code, scale);
+    for (int64_t j = 0; j < blocksize; j += 16) {
+      const int64_t e = block * blocksize + j;
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + e / 2));
+      const __m128i ordered = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble),
+                                                _mm_and_si128(bytes, nibble));
+      for (int half = 0; half < 2; ++half) {
+        const __m256i index = _mm256_cvtepu8_epi32(half == 0 ? ordered : _mm_srli_si128(ordered, 8));
+        const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(index, seven));
+        _mm256_storeu_ps(out + e + 8 * half, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, index),
+                                                              _mm256_permutevar8x32_ps(high, index), upper));
+      }
+    }
+  }
+}
 
 struct Linear {  // a fused matrix: bitsandbytes' packed nf4 (either layout) with its absmax
   Tensor packed;
@@ -122,7 +152,7 @@ class LeanStep {
   LeanStep(Tensor embed, Tensor final_norm, std::vector<Tensor> input_norms, std::vector<Tensor> post_norms,
            std::vector<Tensor> packed, std::vector<Tensor> absmax, std::vector<std::vector<int64_t>> shapes,
            std::vector<std::vector<int64_t>> splits, int64_t blocksize, int64_t gemv_address,
-           int64_t dequantize_address, int64_t heads,
+           int64_t dequantize_address, Tensor code, int64_t heads,
            int64_t kv_heads, int64_t head_dim, double scaling, double eps, Tensor cos, Tensor sin)
       : embed_(std::move(embed)),
         final_norm_(std::move(final_norm)),
@@ -131,6 +161,7 @@ class LeanStep {
         blocksize_(blocksize),
         gemv_(reinterpret_cast<Gemv>(gemv_address)),
         dequantize_(reinterpret_cast<Dequantize>(dequantize_address)),
+        code_(code.to(at::kFloat).contiguous()),
         heads_(heads),
         kv_heads_(kv_heads),
         head_dim_(head_dim),
@@ -142,6 +173,8 @@ class LeanStep {
                 "one packed weight, absmax, shape and split list per matrix");
     TORCH_CHECK(packed.size() == 4 * input_norms_.size(), "four matrices per layer");
     TORCH_CHECK((gemv_ == nullptr) != (dequantize_ == nullptr), "either the 4-bit kernel or the dequantize kernel");
+    own_dequantize_ = dequantize_ != nullptr && code_.numel() == 16 && blocksize_ % 16 == 0 &&
+                      __builtin_cpu_supports("avx2");
     for (size_t i = 0; i < packed.size(); ++i) {
       linears_.push_back(Linear{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
       if (dequantize_ != nullptr) linears_.back().half = half_row(shapes[i][0], shapes[i][1]);
@@ -309,9 +342,13 @@ class LeanStep {
     const int64_t count = (end - begin) * w.k;
     if (!buffer.defined() || buffer.numel() < count) buffer = at::empty({count}, x.options());
     Tensor weight = buffer.slice(0, 0, count).view({end - begin, w.k});
-    dequantize_(static_cast<const uint8_t*>(w.packed.data_ptr()) + begin * w.k / 2,
-                static_cast<const float*>(w.absmax.data_ptr()) + begin * w.k / blocksize_, weight.data_ptr(),
-                blocksize_, end - begin, w.k);
+    const auto* packed = static_cast<const uint8_t*>(w.packed.data_ptr()) + begin * w.k / 2;
+    const auto* absmax = static_cast<const float*>(w.absmax.data_ptr()) + begin * w.k / blocksize_;
+    if (own_dequantize_) {
+      dequantize_nf4_avx2(packed, absmax, code_.data_ptr<float>(), weight.data_ptr<float>(), count, blocksize_);
+    } else {
+      dequantize_(packed, absmax, weight.data_ptr(), blocksize_, end - begin, w.k);
+    }
     Tensor columns = out.slice(1, begin, end);
     at::mm_out(columns, x, weight.t());
   }
@@ -355,6 +392,8 @@ class LeanStep {
   int64_t blocksize_;
   Gemv gemv_;              // nullptr: the standard layout, through dequantize_
   Dequantize dequantize_;  // nullptr: the tile layout, through gemv_
+  Tensor code_;                   // the 16 nf4 values
+  bool own_dequantize_ = false;   // dequantize_nf4_avx2 instead of dequantize_ (AVX2, 16 codes)
   std::unique_ptr<Helper> helper_;  // the second thread of dequantized products, made at the first split
   bool halves_ = false;             // this step splits dequantized products
   int64_t heads_, kv_heads_, head_dim_;
@@ -368,7 +407,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LeanStep>(m, "LeanStep")
       .def(py::init<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, int64_t, double, double, Tensor, Tensor>())
+                    Tensor, int64_t, int64_t, int64_t, double, double, Tensor, Tensor>())
       .def("set_stacks", &LeanStep::set_stacks)
       .def("halves", &LeanStep::halves)
       .def("step", &LeanStep::step, py::call_guard<py::gil_scoped_release>());
