@@ -313,8 +313,8 @@ class KVCache:
 
 class LeanDecoder:
     """Fused forward passes over a loaded 4-bit Llama; see the module docstring."""
-    # On AVX2 a step of the 135M model dequantizes 106M weights (13-14 ms on one thread, here and in
-    # an AVX2 kernel of our own alike) and multiplies them from cache (~8-10 ms). OpenMP's second
+    # On AVX2 a step of the 135M model dequantizes 106M weights (13.5 ms on one thread in
+    # bitsandbytes' kernel, 9.7 in the C++ loop's own) and multiplies them from cache (~8-10 ms). OpenMP's second
     # thread gained nothing in the batcher's thread (25.3 vs 26.3 tokens/s: waking it 240 times a
     # step costs what the second core saves); the C++ loop's own helper thread, which spins between
     # a step's products, takes half of each matrix's rows (decode 28.4 -> 36.7 tokens/s, measured).

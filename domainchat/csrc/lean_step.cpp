@@ -3,8 +3,9 @@
 // the Python interpreter between them, and, on bitsandbytes' 4-bit kernel, with a batch's rows in two
 // halves on two threads (a row's arithmetic never depends on the other rows of its call there). The
 // matrices are bitsandbytes' CPU tile layout, multiplied by its 4-bit kernel, or, on CPUs without
-// AVX512-BF16, its standard layout, dequantized to float32 by its kernel and multiplied by at::linear,
-// as bitsandbytes' op does for transformers. decoder.py builds it at start and falls back to the
+// AVX512-BF16, its standard layout, dequantized to the float32 values its kernel gives (by our AVX2
+// kernel where the CPU has AVX2) and multiplied by at::linear, as bitsandbytes' op does for
+// transformers. decoder.py builds it at start and falls back to the
 // Python loop when it cannot be compiled. It owns a float32 buffer per thread and, on the standard
 // layout, a helper thread for half of each product; every other tensor is the decoder's.
 #include <torch/extension.h>
