@@ -10,7 +10,9 @@
 // layout, a helper thread for half of each product; every other tensor is the decoder's.
 #include <torch/extension.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -40,6 +42,7 @@ using Dequantize = void (*)(const void*, const void*, void*, int64_t, int64_t, i
 // each block's 16 values are code[i] * absmax once, then looked up, so every element is the one
 // float32 product bitsandbytes' kernel computes (the tests compare both), in 70% of its time (9.7 vs
 // 13.5 ms for the 135M model's 120 matrices on one thread, measured). AVX2; callers check for it.
+#if defined(__x86_64__)  // elsewhere bitsandbytes' kernel serves
 __attribute__((target("avx2"))) void dequantize_nf4_avx2(const uint8_t* packed, const float* absmax,
                                                         const float* code, float* out, int64_t count,
                                                         int64_t blocksize) {
@@ -63,6 +66,8 @@ __attribute__((target("avx2"))) void dequantize_nf4_avx2(const uint8_t* packed, 
     }
   }
 }
+
+#endif
 
 struct Linear {  // a fused matrix: bitsandbytes' packed nf4 (either layout) with its absmax
   Tensor packed;
@@ -174,8 +179,10 @@ class LeanStep {
                 "one packed weight, absmax, shape and split list per matrix");
     TORCH_CHECK(packed.size() == 4 * input_norms_.size(), "four matrices per layer");
     TORCH_CHECK((gemv_ == nullptr) != (dequantize_ == nullptr), "either the 4-bit kernel or the dequantize kernel");
+#if defined(__x86_64__)
     own_dequantize_ = dequantize_ != nullptr && code_.numel() == 16 && blocksize_ % 16 == 0 &&
                       __builtin_cpu_supports("avx2");
+#endif
     for (size_t i = 0; i < packed.size(); ++i) {
       linears_.push_back(Linear{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
       if (dequantize_ != nullptr) linears_.back().half = half_row(shapes[i][0], shapes[i][1]);
@@ -345,11 +352,14 @@ class LeanStep {
     Tensor weight = buffer.slice(0, 0, count).view({end - begin, w.k});
     const auto* packed = static_cast<const uint8_t*>(w.packed.data_ptr()) + begin * w.k / 2;
     const auto* absmax = static_cast<const float*>(w.absmax.data_ptr()) + begin * w.k / blocksize_;
+    bool dequantized = false;
+#if defined(__x86_64__)
     if (own_dequantize_) {
       dequantize_nf4_avx2(packed, absmax, code_.data_ptr<float>(), weight.data_ptr<float>(), count, blocksize_);
-    } else {
-      dequantize_(packed, absmax, weight.data_ptr(), blocksize_, end - begin, w.k);
+      dequantized = true;
     }
+#endif
+    if (!dequantized) dequantize_(packed, absmax, weight.data_ptr(), blocksize_, end - begin, w.k);
     Tensor columns = out.slice(1, begin, end);
     at::mm_out(columns, x, weight.t());
   }
