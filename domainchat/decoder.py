@@ -56,32 +56,22 @@ CACHE_GROWTH = 128  # positions added to a full key/value cache (~6 MB for the 1
 BNB_CPU_BLOCK_N = 32  # rows per tile in bitsandbytes' CPU packing; fused matrices must keep it
 
 
-def _native_gemv():
-    """bitsandbytes' nf4 x bfloat16 CPU kernel, called directly, skipping its torch op wrapper's
-    Python overhead. None when this bitsandbytes build does not export it; the op is used then."""
-    # The wrapper cost ~45 us per call, a third of a 3072x576 product, 120 times per token.
+def _bitsandbytes_kernel(name: str):
+    """A kernel of bitsandbytes' CPU library, called directly, or None when this build does not
+    export it (the torch op is used then)."""
     try:
         from bitsandbytes.functional import lib
 
-        return lib.gemv_4bit_inference_cpu_nf4_bf16
+        return getattr(lib, name)
     except (ImportError, AttributeError, RuntimeError, OSError):
         return None
 
 
-_NATIVE_GEMV = _native_gemv()
-
-
-def _native_dequantize():
-    """bitsandbytes' nf4 -> float32 CPU dequantize kernel (what its op calls on this path), or None."""
-    try:
-        from bitsandbytes.functional import lib
-
-        return lib.cdequantize_blockwise_cpu_nf4_fp32
-    except (ImportError, AttributeError, RuntimeError, OSError):
-        return None
-
-
-_NATIVE_DEQUANTIZE = _native_dequantize()
+# The nf4 x bfloat16 kernel: its op's wrapper cost ~45 us per call, a third of a 3072x576 product,
+# 120 times per token.
+_NATIVE_GEMV = _bitsandbytes_kernel("gemv_4bit_inference_cpu_nf4_bf16")
+# The nf4 -> float32 dequantize kernel, what its op calls on the standard layout.
+_NATIVE_DEQUANTIZE = _bitsandbytes_kernel("cdequantize_blockwise_cpu_nf4_fp32")
 _BUFFERS = threading.local()  # DequantizedLinear.weight's float32 matrix, one per thread
 NATIVE_STEP_SOURCE = Path(__file__).parent / "csrc" / "lean_step.cpp"
 
