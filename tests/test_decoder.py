@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +255,30 @@ def test_dequantized_matrices_are_bitsandbytes_own(standard_layout_engine: Engin
     assert layers[1].weight.data.data_ptr() == fused.plain.data_ptr() + layers[0].weight.data.numel()
     monkeypatch.setattr(decoder, "_NATIVE_DEQUANTIZE", None)
     assert not fused.native and torch.equal(fused.weight(), expected)
+
+
+def test_our_dequantize_kernels_are_bitsandbytes_own(standard_layout_engine: Engine,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ loop's own nf4 kernels (csrc/lean_step.cpp), each that this CPU runs, give the very
+    floats bitsandbytes' kernel gives; ATEN_CPU_CAPABILITY=avx2 holds them to AVX2."""
+    from domainchat import decoder
+
+    module = decoder._native_step_module()
+    if module is None:
+        pytest.skip("no C++ compiler: bitsandbytes' kernel serves")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    kernels = [isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2")) if flag in flags]
+    if not kernels:
+        pytest.skip("no AVX2 on this CPU: bitsandbytes' kernel serves")
+    fused = standard_layout_engine._decoder.layers[0].gate_up
+    (n, k), expected = fused.shape, fused.weight().clone()
+    for isa in kernels:
+        ours = module.dequantize_nf4(fused.plain, fused.absmax, fused.code, n * k, fused.blocksize, isa)
+        assert torch.equal(ours.view(n, k), expected), isa
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with pytest.raises(RuntimeError, match="no nf4 dequantize kernel"):
+        module.dequantize_nf4(fused.plain, fused.absmax, fused.code, n * k, fused.blocksize, "avx512")
 
 
 def test_declines_a_model_it_does_not_understand() -> None:

@@ -3,8 +3,8 @@
 // the Python interpreter between them, and, on bitsandbytes' 4-bit kernel, with a batch's rows in two
 // halves on two threads (a row's arithmetic never depends on the other rows of its call there). The
 // matrices are bitsandbytes' CPU tile layout, multiplied by its 4-bit kernel, or, on CPUs without
-// AVX512-BF16, its standard layout, dequantized to the float32 values its kernel gives (by our AVX2
-// kernel where the CPU has AVX2) and multiplied by at::linear, as bitsandbytes' op does for
+// AVX512-BF16, its standard layout, dequantized to the float32 values its kernel gives (by our AVX-512
+// or AVX2 kernel where the CPU has one) and multiplied by at::linear, as bitsandbytes' op does for
 // transformers. decoder.py builds it at start and falls back to the
 // Python loop when it cannot be compiled. It owns a float32 buffer per thread and, on the standard
 // layout, a helper thread for half of each product; every other tensor is the decoder's.
@@ -17,12 +17,14 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
 #include <numeric>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -38,10 +40,14 @@ using Gemv = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const
 // absmax, out, blocksize, rows, columns.
 using Dequantize = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t);
 
-// nf4 -> float32 for `count` values from `packed` (two a byte, high nibble first), block by block:
-// each block's 16 values are code[i] * absmax once, then looked up, so every element is the one
-// float32 product bitsandbytes' kernel computes (the tests compare both), in 70% of its time (9.7 vs
-// 13.5 ms for the 135M model's 120 matrices on one thread, measured). AVX2; callers check for it.
+// Our nf4 -> float32 kernels for `count` values from `packed` (two a byte, high nibble first), block
+// by block: each block's 16 values are code[i] * absmax once, then looked up, so every element is the
+// one float32 product bitsandbytes' kernel computes (the tests compare them). For the 135M model's 120
+// matrices on one thread (measured): bitsandbytes' kernel 13.5 ms, AVX2 9.7 (two 8-entry lookups and a
+// blend per 8 values), AVX-512 6.0 (one 16-entry lookup per 16 values).
+using OwnDequantize = void (*)(const uint8_t* packed, const float* absmax, const float* code, float* out,
+                               int64_t count, int64_t blocksize);
+
 #if defined(__x86_64__)  // elsewhere bitsandbytes' kernel serves
 __attribute__((target("avx2"))) void dequantize_nf4_avx2(const uint8_t* packed, const float* absmax,
                                                         const float* code, float* out, int64_t count,
@@ -67,7 +73,57 @@ __attribute__((target("avx2"))) void dequantize_nf4_avx2(const uint8_t* packed, 
   }
 }
 
+__attribute__((target("avx512f"))) void dequantize_nf4_avx512(const uint8_t* packed, const float* absmax,
+                                                             const float* code, float* out, int64_t count,
+                                                             int64_t blocksize) {
+  const __m512 codes = _mm512_loadu_ps(code);
+  const __m128i nibble = _mm_set1_epi8(15);
+  for (int64_t block = 0; block < count / blocksize; ++block) {
+    const __m512 table = _mm512_mul_ps(codes, _mm512_set1_ps(absmax[block]));
+    for (int64_t j = 0; j < blocksize; j += 32) {
+      const int64_t e = block * blocksize + j;
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + e / 2));
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), low = _mm_and_si128(bytes, nibble);
+      _mm512_storeu_ps(out + e, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), table));
+      _mm512_storeu_ps(out + e + 16,
+                       _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, low)), table));
+    }
+  }
+}
 #endif
+
+// The widest of our kernels that this CPU runs, `blocksize` suits and `isa` allows ("avx512",
+// "avx2"; "" for the widest), or nullptr (bitsandbytes' kernel then). ATEN_CPU_CAPABILITY=avx2 (or
+// default), which holds ATen to narrower kernels, holds ours too, so one setting imitates a narrower CPU.
+OwnDequantize own_dequantize_kernel(int64_t blocksize, int64_t codes, const std::string& isa) {
+#if defined(__x86_64__)
+  const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string aten = capability == nullptr ? "" : capability;
+  if (codes != 16 || aten == "default") return nullptr;
+  if ((isa.empty() || isa == "avx512") && aten != "avx2" && blocksize % 32 == 0 &&
+      __builtin_cpu_supports("avx512f"))
+    return dequantize_nf4_avx512;
+  if ((isa.empty() || isa == "avx2") && blocksize % 16 == 0 && __builtin_cpu_supports("avx2"))
+    return dequantize_nf4_avx2;
+#endif
+  return nullptr;
+}
+
+// nf4 packed bytes -> float32 [count] through own_dequantize_kernel(blocksize, 16, isa), for the
+// decoder's other products (prefill) and the tests; an error where no kernel of ours fits.
+Tensor dequantize_nf4(const Tensor& packed, const Tensor& absmax, const Tensor& code, int64_t count,
+                      int64_t blocksize, const std::string& isa) {
+  const OwnDequantize kernel = own_dequantize_kernel(blocksize, code.numel(), isa);
+  TORCH_CHECK(kernel != nullptr, "no nf4 dequantize kernel of ours for '", isa, "' on this CPU");
+  TORCH_CHECK(packed.is_contiguous() && absmax.is_contiguous() && packed.numel() * 2 >= count &&
+                  absmax.numel() * blocksize >= count && count % blocksize == 0,
+              "packed bytes and block scales for `count` values, whole blocks");
+  Tensor out = at::empty({count}, absmax.options().dtype(at::kFloat));
+  const Tensor codes = code.to(at::kFloat).contiguous(), scales = absmax.to(at::kFloat).contiguous();
+  kernel(static_cast<const uint8_t*>(packed.data_ptr()), scales.data_ptr<float>(), codes.data_ptr<float>(),
+         out.data_ptr<float>(), count, blocksize);
+  return out;
+}
 
 struct Linear {  // a fused matrix: bitsandbytes' packed nf4 (either layout) with its absmax
   Tensor packed;
@@ -179,10 +235,7 @@ class LeanStep {
                 "one packed weight, absmax, shape and split list per matrix");
     TORCH_CHECK(packed.size() == 4 * input_norms_.size(), "four matrices per layer");
     TORCH_CHECK((gemv_ == nullptr) != (dequantize_ == nullptr), "either the 4-bit kernel or the dequantize kernel");
-#if defined(__x86_64__)
-    own_dequantize_ = dequantize_ != nullptr && code_.numel() == 16 && blocksize_ % 16 == 0 &&
-                      __builtin_cpu_supports("avx2");
-#endif
+    if (dequantize_ != nullptr) own_dequantize_ = own_dequantize_kernel(blocksize_, code_.numel(), "");
     for (size_t i = 0; i < packed.size(); ++i) {
       linears_.push_back(Linear{packed[i], absmax[i], shapes[i][0], shapes[i][1], splits[i]});
       if (dequantize_ != nullptr) linears_.back().half = half_row(shapes[i][0], shapes[i][1]);
@@ -352,14 +405,10 @@ class LeanStep {
     Tensor weight = buffer.slice(0, 0, count).view({end - begin, w.k});
     const auto* packed = static_cast<const uint8_t*>(w.packed.data_ptr()) + begin * w.k / 2;
     const auto* absmax = static_cast<const float*>(w.absmax.data_ptr()) + begin * w.k / blocksize_;
-    bool dequantized = false;
-#if defined(__x86_64__)
-    if (own_dequantize_) {
-      dequantize_nf4_avx2(packed, absmax, code_.data_ptr<float>(), weight.data_ptr<float>(), count, blocksize_);
-      dequantized = true;
-    }
-#endif
-    if (!dequantized) dequantize_(packed, absmax, weight.data_ptr(), blocksize_, end - begin, w.k);
+    if (own_dequantize_ != nullptr)
+      own_dequantize_(packed, absmax, code_.data_ptr<float>(), weight.data_ptr<float>(), count, blocksize_);
+    else
+      dequantize_(packed, absmax, weight.data_ptr(), blocksize_, end - begin, w.k);
     Tensor columns = out.slice(1, begin, end);
     at::mm_out(columns, x, weight.t());
   }
@@ -404,7 +453,7 @@ class LeanStep {
   Gemv gemv_;              // nullptr: the standard layout, through dequantize_
   Dequantize dequantize_;  // nullptr: the tile layout, through gemv_
   Tensor code_;                   // the 16 nf4 values
-  bool own_dequantize_ = false;   // dequantize_nf4_avx2 instead of dequantize_ (AVX2, 16 codes)
+  OwnDequantize own_dequantize_ = nullptr;  // ours where one fits, else dequantize_
   std::unique_ptr<Helper> helper_;  // the second thread of dequantized products, made at the first split
   bool halves_ = false;             // this step splits dequantized products
   int64_t heads_, kv_heads_, head_dim_;
@@ -415,6 +464,8 @@ class LeanStep {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize_nf4", &dequantize_nf4, py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("count"),
+        py::arg("blocksize"), py::arg("isa") = "");
   py::class_<LeanStep>(m, "LeanStep")
       .def(py::init<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, int64_t, int64_t, int64_t,
