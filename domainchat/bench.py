@@ -257,13 +257,15 @@ def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int
         counts.append(_timed_stream(engine, DECODE_PROMPT, name, burst)[2])
 
     single, four = [], []
-    for _ in range(runs):  # one session, then four at once, side by side in each run
+    names = [usable[i % len(usable)] for i in range(4)]
+    for _ in range(runs):  # the same four requests one after another, then at once, side by side in each run
         counts: list[int] = []
         t0 = time.perf_counter()
-        session(usable[0], counts)
-        single.append(counts[0] / (time.perf_counter() - t0))
+        for name in names:
+            session(name, counts)
+        single.append(sum(counts) / (time.perf_counter() - t0))
         counts = []
-        threads = [threading.Thread(target=session, args=(usable[i % len(usable)], counts)) for i in range(4)]
+        threads = [threading.Thread(target=session, args=(name, counts)) for name in names]
         t0 = time.perf_counter()
         for thread in threads:
             thread.start()

@@ -120,13 +120,15 @@ def measure(base_url: str, domains: Sequence[str], questions: Sequence[str], run
 
 def _sessions(client, raw: Sequence[str], tokens: int, runs: int) -> tuple[list[float], list[float]]:
     """(one session's tokens/s, four sessions' aggregate tokens/s) per run, end to end as the client
-    counts them: one stream of `tokens`, then four at once in four domains, side by side in each run."""
+    counts them, for the same four requests in four domains: one after another, then all at once.
+    (The domains' answers differ in length: one stops at its end-of-turn long before `tokens`, so a
+    single domain's stream alone would not be the same work as the four.)"""
     single, four = [], []
+    models = [raw[i % len(raw)] for i in range(4)]  # four domains where four are trained
     for _ in range(runs):
+        alone = [_stream(client, m, STORY, tokens) for m in models]
+        single.append(sum(a[2] for a in alone) / sum(a[1] for a in alone))
         started = time.perf_counter()
-        single.append(_stream(client, raw[0], STORY, tokens)[2] / (time.perf_counter() - started))
-        started = time.perf_counter()
-        models = [raw[i % len(raw)] for i in range(4)]  # four domains where four are trained
         counts = _together([lambda m=m: _stream(client, m, STORY, tokens)[2] for m in models])
         four.append(sum(counts) / (time.perf_counter() - started))  # type: ignore[arg-type]
     return single, four
