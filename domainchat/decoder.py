@@ -1,13 +1,14 @@
 """Decoder: a lean forward pass for a Llama model held in 4 bits, with a LoRA adapter per sequence.
 
-Owns: the fused weights (q/k/v as one 4-bit matrix, gate/up as another, so a layer makes four
-matrix calls instead of seven), every adapter's LoRA matrices stacked so that each row of a batch
-can use its own adapter, per-sequence key/value caches, prefill and batched one-token decode
+Owns: which layers are fused (q/k/v as one 4-bit matrix, gate/up as another, so a layer makes
+four matrix calls instead of seven), every adapter's LoRA matrices stacked so that each row of a
+batch can use its own adapter, per-sequence key/value caches, prefill and batched one-token decode
 steps. Where the CPU has AVX512-BF16, bitsandbytes repacks nf4 weights into its CPU tile layout and
 the decoder uses its 4-bit kernel for decode steps and bfloat16 copies for prefill (FusedLinear);
 elsewhere (AVX2) the weights stay in bitsandbytes' standard layout and each product dequantizes
-its matrix to float32 first, as bitsandbytes does for transformers there (DequantizedLinear). The
-logits' product is output_layer.py's.
+its matrix to float32 first, as bitsandbytes does for transformers there (DequantizedLinear). Those
+weight forms and bitsandbytes' kernels are nf4_weights.py's; the logits' product is
+output_layer.py's.
 
 Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
 calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching
@@ -39,13 +40,14 @@ import logging
 import math
 import os
 import shutil
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from domainchat import nf4_weights
+from domainchat.nf4_weights import BNB_CPU_BLOCK_N, DequantizedLinear, FusedLinear, Linear
 from domainchat.output_layer import OutputLayer, Pick, intra_op_threads
 
 log = logging.getLogger(__name__)
@@ -53,26 +55,6 @@ log = logging.getLogger(__name__)
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 CACHE_GROWTH = 128  # positions added to a full key/value cache (~6 MB for the 135M model)
-BNB_CPU_BLOCK_N = 32  # rows per tile in bitsandbytes' CPU packing; fused matrices must keep it
-
-
-def _bitsandbytes_kernel(name: str):
-    """A kernel of bitsandbytes' CPU library, called directly, or None when this build does not
-    export it (the torch op is used then)."""
-    try:
-        from bitsandbytes.functional import lib
-
-        return getattr(lib, name)
-    except (ImportError, AttributeError, RuntimeError, OSError):
-        return None
-
-
-# The nf4 x bfloat16 kernel: its op's wrapper cost ~45 us per call, a third of a 3072x576 product,
-# 120 times per token.
-_NATIVE_GEMV = _bitsandbytes_kernel("gemv_4bit_inference_cpu_nf4_bf16")
-# The nf4 -> float32 dequantize kernel, what its op calls on the standard layout.
-_NATIVE_DEQUANTIZE = _bitsandbytes_kernel("cdequantize_blockwise_cpu_nf4_fp32")
-_BUFFERS = threading.local()  # DequantizedLinear.weight's float32 matrix, one per thread
 NATIVE_STEP_SOURCE = Path(__file__).parent / "csrc" / "lean_step.cpp"
 
 
@@ -104,148 +86,6 @@ def _power_of_two(scale: float) -> bool:
     instead of to the output after it (peft's order) without changing a bit (alpha = 2r, the usual
     choice, gives 2.0). Measured: the output-sized multiply was 1/8 of a 700-token prefill."""
     return scale == 0.0 or math.frexp(scale)[0] == 0.5
-
-
-def _unpack_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """bitsandbytes' CPU tile layout [N, K/2] back to its standard layout (two nibbles per byte, row
-    by row, high nibble first), which its dequantize kernel reads. Mirrors
-    `bitsandbytes.functional._convert_weight_packed_for_cpu_inverse` without touching the layer."""
-    tiles = packed.reshape(-1, BNB_CPU_BLOCK_N)
-    nibbles = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)
-    rows = nibbles.reshape(n // BNB_CPU_BLOCK_N, k // 2, BNB_CPU_BLOCK_N, 2).transpose(1, 2).reshape(n, k)
-    flat = rows.reshape(-1)
-    return ((flat[::2] << 4) | flat[1::2]).contiguous()
-
-
-@dataclass
-class FusedLinear:
-    """Several 4-bit linear layers that read the same input, multiplied as one matrix."""
-
-    packed: torch.Tensor  # [N, K/2] uint8, bitsandbytes' CPU layout (the gemv kernel's input)
-    absmax: torch.Tensor  # [K/blocksize, N] bfloat16, as the gemv kernel wants it
-    plain: torch.Tensor  # [N*K/2] uint8, standard layout (the dequantize kernel's input)
-    plain_absmax: torch.Tensor  # [N*K/blocksize] float32
-    code: torch.Tensor
-    blocksize: int
-    shape: tuple[int, int]  # (N, K)
-    splits: tuple[int, ...]  # output width of each fused layer, in order
-
-    @classmethod
-    def of(cls, layers: Sequence[torch.nn.Module]) -> FusedLinear:
-        states = [layer.weight.quant_state for layer in layers]
-        k = states[0].shape[1]
-        splits = tuple(int(s.shape[0]) for s in states)
-        packed = torch.cat([layer.weight.data for layer in layers]) if len(layers) > 1 else layers[0].weight.data
-        n = sum(splits)
-        absmax = torch.cat([s.absmax for s in states], dim=1).contiguous()
-        plain_absmax = absmax.float().t().contiguous().reshape(-1)
-        if len(layers) > 1:  # let the model's layers share the fused storage instead of keeping a copy
-            offset = 0
-            for layer, width in zip(layers, splits, strict=True):
-                layer.weight.data = packed[offset:offset + width]
-                offset += width
-        return cls(packed, absmax, _unpack_cpu_layout(packed, n, k), plain_absmax, states[0].code,
-                   states[0].blocksize, (n, k), splits)
-
-    def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 -> [M, N] float32 through the 4-bit kernel (bfloat16 inside, as bitsandbytes
-        computes every Linear4bit on this CPU)."""
-        if _NATIVE_GEMV is None:
-            return torch.ops.bitsandbytes.gemv_4bit(x, self.packed, self.shape, self.absmax, self.code,
-                                                    self.blocksize).float()
-        rows = x.to(torch.bfloat16).contiguous()
-        out = torch.empty(rows.shape[0], self.shape[0], dtype=torch.bfloat16)
-        _NATIVE_GEMV(ctypes.c_int64(rows.shape[0]), ctypes.c_int64(self.shape[0]), ctypes.c_int64(self.shape[1]),
-                     ctypes.c_void_p(rows.data_ptr()), ctypes.c_void_p(self.packed.data_ptr()),
-                     ctypes.c_void_p(self.absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-                     ctypes.c_int64(self.blocksize), ctypes.c_int64(rows.stride(0)), ctypes.c_int64(out.stride(0)))
-        return out.float()
-
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The same product for many rows: dequantize once to bfloat16, one matrix multiply (AMX/oneDNN)."""
-        weight = torch.ops.bitsandbytes.dequantize_4bit(self.plain, self.plain_absmax, self.blocksize, "nf4",
-                                                        list(self.shape), torch.bfloat16)
-        return (x.to(torch.bfloat16) @ weight.t()).float()
-
-
-@dataclass
-class DequantizedLinear:
-    """Several nf4 linear layers in bitsandbytes' standard layout (CPUs without AVX512-BF16),
-    dequantized to float32 when multiplied.
-
-    There bitsandbytes computes every Linear4bit as "dequantize the whole matrix to float32, then one
-    float32 matrix multiply", at each call, and so does this: the same dequantize kernel and the same
-    product give transformers' bits. What it saves is the rest: the op's allocation and Python (a pass
-    over the 135M model's 120 matrices 53 ms through the op, 14 ms calling the kernel into a reused
-    buffer, measured). Keeping float32 copies instead (as this did before) costs 425 MB for that model
-    and is slower: a step then reads them from memory (34 ms a pass on one thread), where reading
-    the 4-bit bytes, dequantizing into a buffer that stays in L3 and multiplying it takes ~25 (14 +
-    11); decode on this path went from 19.5 to 26.3 tokens/s (39.4 with the C++ loop's helper thread;
-    `domainchat bench`'s float32 figure)."""
-
-    plain: torch.Tensor  # [N*K/2, 1] uint8: the layers' packed bytes, one after another
-    absmax: torch.Tensor  # [N*K/blocksize] float32
-    code: torch.Tensor  # the 16 nf4 values
-    blocksize: int
-    shape: tuple[int, int]  # (N, K)
-    splits: tuple[int, ...]
-
-    @classmethod
-    def of(cls, layers: Sequence[torch.nn.Module]) -> DequantizedLinear:
-        states = [layer.weight.quant_state for layer in layers]
-        splits = tuple(int(s.shape[0]) for s in states)
-        plain = torch.cat([layer.weight.data for layer in layers]) if len(layers) > 1 else layers[0].weight.data
-        if len(layers) > 1:  # the model's layers share the fused bytes instead of keeping their own
-            offset = 0
-            for layer, width in zip(layers, splits, strict=True):
-                count = width * int(states[0].shape[1]) // 2
-                layer.weight.data = plain[offset:offset + count]
-                offset += count
-        absmax = torch.cat([_float_absmax(s) for s in states])
-        return cls(plain, absmax, states[0].code.float(), states[0].blocksize, (sum(splits), int(states[0].shape[1])),
-                   splits)
-
-    def weight(self) -> torch.Tensor:
-        """The float32 matrix [N, K], as bitsandbytes dequantizes it. Through the kernel it lands in
-        this thread's buffer, overwritten by the next call here: use it before asking again."""
-        n, k = self.shape
-        if not self.native:
-            return torch.ops.bitsandbytes.dequantize_4bit(self.plain, self.absmax, self.blocksize, "nf4",
-                                                          [n, k], torch.float32)
-        buffer = getattr(_BUFFERS, "float32", None)
-        if buffer is None or buffer.numel() < n * k:
-            buffer = _BUFFERS.float32 = torch.empty(n * k)
-        out = buffer[:n * k].view(n, k)
-        _NATIVE_DEQUANTIZE(ctypes.c_void_p(self.plain.data_ptr()), ctypes.c_void_p(self.absmax.data_ptr()),
-                           ctypes.c_void_p(out.data_ptr()), ctypes.c_longlong(self.blocksize),
-                           ctypes.c_longlong(n), ctypes.c_longlong(k))
-        return out
-
-    @property
-    def native(self) -> bool:
-        """Whether bitsandbytes' op would call the kernel this calls directly: it uses another
-        implementation for odd widths and blocks of 2048 or more."""
-        return _NATIVE_DEQUANTIZE is not None and self.shape[1] % 2 == 0 and self.blocksize < 2048
-
-    def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight())
-
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight())
-
-
-def _float_absmax(state) -> torch.Tensor:
-    """A layer's block scales in float32, as `bitsandbytes.functional.dequantize_4bit` computes them."""
-    absmax = state.absmax
-    if state.nested:
-        from bitsandbytes.functional import dequantize_blockwise
-
-        absmax = dequantize_blockwise(absmax, state.state2)
-        absmax += state.offset
-    return absmax.float().contiguous()
-
-
-Linear = FusedLinear | DequantizedLinear
 
 
 @dataclass
@@ -304,7 +144,8 @@ class KVCache:
 class LeanDecoder:
     """Fused forward passes over a loaded 4-bit Llama; see the module docstring."""
     # On AVX2 a step of the 135M model dequantizes 106M weights (13.5 ms on one thread in
-    # bitsandbytes' kernel, 9.7 in the C++ loop's own) and multiplies them from cache (~8-10 ms). OpenMP's second
+    # bitsandbytes' kernel, 9.7 in the C++ loop's own AVX2 one, 6.0 in its AVX-512 one) and
+    # multiplies them from cache (~8-10 ms). OpenMP's second
     # thread gained nothing in the batcher's thread (25.3 vs 26.3 tokens/s: waking it 240 times a
     # step costs what the second core saves); the C++ loop's own helper thread, which spins between
     # a step's products, takes half of each matrix's rows (decode 28.4 -> 36.7 tokens/s, measured).
@@ -346,7 +187,7 @@ class LeanDecoder:
         # dequantize kernel. None: the Python loop (_step_layers_python), which gives the same bits.
         self.native = None
         self._native_stacks: list | None = None  # the stacks last handed to `native`
-        kernel = _NATIVE_GEMV is not None if self.layout == "nf4 kernel" else layers[0].qkv.native
+        kernel = nf4_weights.GEMV_KERNEL is not None if self.layout == "nf4 kernel" else layers[0].qkv.native
         if kernel:
             module = _native_step_module()
             if module is not None:
@@ -575,9 +416,9 @@ class LeanDecoder:
         fused = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         address = lambda function: ctypes.cast(function, ctypes.c_void_p).value  # noqa: E731
         if isinstance(fused[0], DequantizedLinear):
-            weights, gemv, dequantize = [f.plain for f in fused], 0, address(_NATIVE_DEQUANTIZE)
+            weights, gemv, dequantize = [f.plain for f in fused], 0, address(nf4_weights.DEQUANTIZE_KERNEL)
         else:
-            weights, gemv, dequantize = [f.packed for f in fused], address(_NATIVE_GEMV), 0
+            weights, gemv, dequantize = [f.packed for f in fused], address(nf4_weights.GEMV_KERNEL), 0
         return module.LeanStep(
             self.embed, self.final_norm, [layer.input_norm for layer in self.layers],
             [layer.post_norm for layer in self.layers], weights, [f.absmax for f in fused],

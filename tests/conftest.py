@@ -309,3 +309,19 @@ def wait_for_http(url: str, process, seconds: float, log: Path | None = None) ->
             time.sleep(0.3)
     process.kill()
     pytest.fail(f"{url} did not answer within {seconds:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def standard_layout_engine(settings, test_adapters):
+    """An engine whose nf4 weights stay in bitsandbytes' standard layout, as on a CPU without
+    AVX512-BF16 (bitsandbytes repacks them into its tile layout only where that kernel runs): the
+    lean decoder's float32 path, forced here so that every CI run checks it."""
+    from domainchat.engine import Engine, standard_nf4_layout
+
+    with standard_nf4_layout():
+        engine = Engine.start(settings, test_adapters)
+    if engine.device.type != "cpu":
+        engine.close()
+        pytest.skip(f"the lean decoder serves CPUs; on {engine.device.type} the transformers path serves")
+    yield engine
+    engine.close()

@@ -6,15 +6,15 @@ from __future__ import annotations
 import statistics
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 from domainchat.batcher import Request
-from domainchat.decoder import DequantizedLinear, FusedLinear, LeanDecoder
+from domainchat.decoder import LeanDecoder
 from domainchat.engine import Engine
 from domainchat.generation import GenerationParams
+from domainchat.nf4_weights import DequantizedLinear, FusedLinear
 from domainchat.sampling import Sampler
 
 pytestmark = pytest.mark.slow
@@ -205,22 +205,6 @@ def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDe
     assert engine.complete(PROMPTS[0], "alpha", short) == before and engine.count_tokens(before) == 4
 
 
-@pytest.fixture(scope="module")
-def standard_layout_engine(settings, test_adapters) -> Iterator[Engine]:
-    """An engine whose nf4 weights stay in bitsandbytes' standard layout, as on a CPU without
-    AVX512-BF16 (bitsandbytes repacks them into its tile layout only where that kernel runs): the
-    lean decoder's float32 path, forced here so that every CI run checks it."""
-    from domainchat.engine import standard_nf4_layout
-
-    with standard_nf4_layout():
-        engine = Engine.start(settings, test_adapters)
-    if engine.device.type != "cpu":
-        engine.close()
-        pytest.skip(f"the lean decoder serves CPUs; on {engine.device.type} the transformers path serves")
-    yield engine
-    engine.close()
-
-
 def test_the_standard_layout_path_matches_transformers_and_batches(standard_layout_engine: Engine) -> None:
     engine = standard_layout_engine
     lean = engine._decoder
@@ -234,51 +218,6 @@ def test_the_standard_layout_path_matches_transformers_and_batches(standard_layo
     results, widest = answer_together(engine, lean, adapters)
     assert results == {i: solo[adapters[i]] for i in range(len(adapters))}, "a batch row answers as it would alone"
     assert widest >= 2, "concurrent requests should share decode steps"
-
-
-def test_dequantized_matrices_are_bitsandbytes_own(standard_layout_engine: Engine,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The standard layout's fused matrices dequantize to exactly what bitsandbytes gives for each
-    layer, through its kernel called directly and through its op (where the kernel is missing), and
-    the model's layers now read the fused bytes instead of their own copies."""
-    from bitsandbytes.functional import dequantize_4bit
-
-    from domainchat import decoder
-
-    lean = standard_layout_engine._decoder
-    block = standard_layout_engine.model.get_base_model().model.layers[0]
-    layers = [decoder._base_layer(getattr(block.self_attn, name)) for name in ("q_proj", "k_proj", "v_proj")]
-    expected = torch.cat([dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in layers])
-    fused = lean.layers[0].qkv
-    assert fused.native, "this bitsandbytes exports its dequantize kernel: the fast path should be on"
-    assert torch.equal(fused.weight(), expected)
-    assert layers[1].weight.data.data_ptr() == fused.plain.data_ptr() + layers[0].weight.data.numel()
-    monkeypatch.setattr(decoder, "_NATIVE_DEQUANTIZE", None)
-    assert not fused.native and torch.equal(fused.weight(), expected)
-
-
-def test_our_dequantize_kernels_are_bitsandbytes_own(standard_layout_engine: Engine,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The C++ loop's own nf4 kernels (csrc/lean_step.cpp), each that this CPU runs, give the very
-    floats bitsandbytes' kernel gives; ATEN_CPU_CAPABILITY=avx2 holds them to AVX2."""
-    from domainchat import decoder
-
-    module = decoder._native_step_module()
-    if module is None:
-        pytest.skip("no C++ compiler: bitsandbytes' kernel serves")
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    kernels = [isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2")) if flag in flags]
-    if not kernels:
-        pytest.skip("no AVX2 on this CPU: bitsandbytes' kernel serves")
-    fused = standard_layout_engine._decoder.layers[0].gate_up
-    (n, k), expected = fused.shape, fused.weight().clone()
-    for isa in kernels:
-        ours = module.dequantize_nf4(fused.plain, fused.absmax, fused.code, n * k, fused.blocksize, isa)
-        assert torch.equal(ours.view(n, k), expected), isa
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    with pytest.raises(RuntimeError, match="no nf4 dequantize kernel"):
-        module.dequantize_nf4(fused.plain, fused.absmax, fused.code, n * k, fused.blocksize, "avx512")
 
 
 def test_declines_a_model_it_does_not_understand() -> None:
