@@ -3,12 +3,12 @@
 Measures cold start and serving peak memory (in a separate process, probe.py, that starts the app as
 `serve` does), adapter switching, time to first token, the pause of a running answer while three RAG
 questions arrive and the last one's time to first token, decode speed against a naive
-`PeftModel.generate`, four concurrent sessions against one, retrieval at 10,000 chunks and ingest
-throughput, each in one run so that ratios compare like with like, and checks them against
-BENCH_TARGETS. It drives the engine and the knowledge store directly, with RAG prompts rendered as
-chat.Assistant serves them (`bench_prompts`: the model reads the prompt and the quoted opening);
-the engine part (`measure_engine`) needs only the engine and those prompts as plain data. Answer
-quality is evaluate.py's job.
+`PeftModel.generate`, four concurrent sessions against the same four requests one after another,
+retrieval at 10,000 chunks and ingest throughput, each in one run so that ratios compare like with
+like, and checks them against BENCH_TARGETS. It drives the engine and the knowledge store directly,
+with RAG prompts rendered as chat.Assistant serves them (`bench_prompts`: the model reads the prompt
+and the quoted opening); the engine part (`measure_engine`) needs only the engine and those prompts
+as plain data. Answer quality is evaluate.py's job.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def bench_prompts(assistant, domain, short_adapter: str) -> BenchPrompts:
 def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int,
                    progress: Callable[[str], None] = lambda _: None) -> dict:
     """The engine's figures, side by side in one run: naive `generate` decode, adapter switch, time to
-    first token, the pause while three RAG questions arrive, decode, four sessions against one.
+    first token, the pause while three RAG questions arrive, decode, four sessions against the same four
+    requests one after another.
     `usable[0]` is the adapter of the decode and single-session figures; the four sessions use up to
     four of `usable`."""
     import threading

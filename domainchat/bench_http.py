@@ -3,7 +3,8 @@
 Owns the client-side measurements: it starts `domainchat serve` on a free loopback port (or is
 given the /v1 URL of a running server) and measures with the official `openai` client, streaming:
 time to the first text of a RAG question (the whole pipeline: retrieval, evidence, model), decode
-speed of one stream, four streams in four domains against one (64- and 160-token answers), and
+speed of one stream, four streams in four domains at once against the same four one after another
+(64- and 160-token answers), and
 how long a running stream pauses while three RAG questions from other people arrive, with the
 last newcomer's time to its first text.
 A "token" here is one streamed chunk, which is one token piece, as the client counts them.
@@ -30,8 +31,9 @@ from domainchat.errors import BadInput, ModelUnavailable
 
 STARTUP_TIMEOUT_S = 300.0
 STORY = "Write a long story about a lighthouse keeper."
-# Four sessions against one, for short and for long answers: the longer the answer, the more of
-# its time is decode, which four sessions share; prefill and the first token they do not.
+# Four sessions at once against the same four one after another, for short and for long answers: the
+# longer the answer, the more of its time is decode, which four sessions share; prefill and the first
+# token they do not.
 SHORT_ANSWER, LONG_ANSWER = 64, 160
 
 

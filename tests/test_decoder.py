@@ -229,6 +229,23 @@ def test_declines_a_model_it_does_not_understand() -> None:
     assert LeanDecoder.build(plain) is None
 
 
+def test_declines_standard_layout_layers_that_are_not_whole_nf4_blocks(tmp_path) -> None:
+    """Fused matrices join the layers' bytes and block scales end to end, so on the standard layout
+    a layer whose weights end inside a quantization block is declined (transformers serves it)."""
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from domainchat.engine import standard_nf4_layout
+
+    # 36 x 36 weights: 1,296 values, 20.25 blocks of 64.
+    LlamaForCausalLM(LlamaConfig(hidden_size=36, intermediate_size=72, num_hidden_layers=1, num_attention_heads=6,
+                                 num_key_value_heads=2, vocab_size=128)).save_pretrained(tmp_path)
+    with standard_nf4_layout():
+        model = LlamaForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32, device_map="cpu",
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    assert LeanDecoder._unsupported(model) == "q_proj is not a whole number of nf4 blocks of 64"
+    assert LeanDecoder.build(model) is None
+
 
 def _cpp_loop_matches_python(engine: Engine, lean: LeanDecoder, cases: list[tuple[list, int]]) -> None:
     """The C++ loop's hidden states and key/value caches are bit-equal to the Python loop's, across
