@@ -177,9 +177,8 @@ def measure_engine(engine, usable: Sequence[str], bench: BenchPrompts, runs: int
                    progress: Callable[[str], None] = lambda _: None) -> dict:
     """The engine's figures, side by side in one run: naive `generate` decode, adapter switch, time to
     first token, the pause while three RAG questions arrive, decode, four sessions against the same four
-    requests one after another.
-    `usable[0]` is the adapter of the decode and single-session figures; the four sessions use up to
-    four of `usable`."""
+    requests one after another. `usable[0]` is the adapter of the decode figures; the four sessions,
+    alone and together, use up to four of `usable`."""
     import threading
     import time
 

@@ -109,8 +109,8 @@ OwnDequantize own_dequantize_kernel(int64_t blocksize, int64_t codes, const std:
   return nullptr;
 }
 
-// nf4 packed bytes -> float32 [count] through own_dequantize_kernel(blocksize, 16, isa), for the
-// decoder's other products (prefill) and the tests; an error where no kernel of ours fits.
+// nf4 packed bytes -> float32 [count] through own_dequantize_kernel(blocksize, 16, isa), so that the
+// tests can hold each kernel against bitsandbytes'; an error where no kernel of ours fits.
 Tensor dequantize_nf4(const Tensor& packed, const Tensor& absmax, const Tensor& code, int64_t count,
                       int64_t blocksize, const std::string& isa) {
   const OwnDequantize kernel = own_dequantize_kernel(blocksize, code.numel(), isa);
