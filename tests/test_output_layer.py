@@ -32,17 +32,26 @@ def test_the_output_layer_keeps_one_row_exact_and_splits_several(threads: int) -
     assert plain.columns is None and torch.equal(plain(hidden), whole)
 
 
-def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly() -> None:
-    """The screen's radius holds every float32 logit; the picked tokens' logits are bit-equal to the
-    whole one-row product's, for a weight that starts off a 64-byte boundary too (as a loaded
-    model's may) and for a trainable one (a model without adapters); a row whose pick returns None
-    gets the whole product."""
+@pytest.mark.parametrize(("capability", "copy"), [("AVX512", torch.int8), ("AVX2", torch.int8),
+                                                  ("DEFAULT", torch.bfloat16)])
+def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly(
+        capability: str, copy: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen's radius holds every float32 logit, from the int8 copy where ATen's int8 product
+    is vectorised and the bfloat16 copy elsewhere, a row of zeros included; the picked tokens'
+    logits are bit-equal to the whole one-row product's, for a weight that starts off a 64-byte
+    boundary too (as a loaded model's may) and for a trainable one (a model without adapters); a
+    row whose pick returns None gets the whole product."""
+    if capability == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     torch.manual_seed(0)
     storage = torch.randn(49152 * 576 + 10) * 0.05
+    storage[10 + 7 * 576:10 + 8 * 576] = 0.0  # token 7's row, at offset 10
     for offset in (0, 10):  # 10 floats: 40 bytes off the boundary, as the bundled model's embedding is
         weight = torch.nn.Parameter(storage[offset:offset + 49152 * 576].view(49152, 576))
         output = OutputLayer(weight, 2, transposed=True)
         assert output.screen_weight is not None, "gathered rows should multiply bit-equal on this CPU"
+        assert output.screen_weight.dtype == copy
         hidden = torch.randn(3, 576) * 2
         whole = torch.cat([output(hidden[row:row + 1]) for row in range(3)]).detach()
         estimate, radius = output.screen(hidden)
