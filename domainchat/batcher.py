@@ -175,11 +175,12 @@ class Batcher:
             elif prefilling:
                 request = prefilling[0]
                 try:
+                    guarded = self._guarded(request)
                     with torch.inference_mode():
-                        logits = self._prefill_some(request, whole=not running)
+                        logits = self._prefill_some(request, whole=not running, guarded=guarded)
                     if logits is not None:
                         prefilling.pop(0)
-                        if self._advance(request, logits, self._guarded(request)):
+                        if self._advance(request, logits, guarded):
                             running.append(request)
                 except Exception as exc:
                     prefilling.pop(0)
@@ -213,19 +214,23 @@ class Batcher:
         if request.prefix:
             def compute():
                 cache = self.decoder.new_cache(len(request.prefix))
-                self.decoder.prefill(request.prefix, cache, request.adapter)
+                self.decoder.prefill(request.prefix, cache, request.adapter, logits=False)
                 return cache
             prefix = self.prefixes.get_or_build((request.adapter, request.prefix), compute)
         request.cache = self.decoder.new_cache(capacity, prefix)
         request.seen = torch.tensor(request.prompt)
 
-    def _prefill_some(self, request: Request, whole: bool) -> torch.Tensor | None:
+    def _prefill_some(self, request: Request, whole: bool, guarded: torch.Tensor | None) -> torch.Tensor | None:
         """Prefill the rest of `request`'s prompt, or its next PREFILL_CHUNK tokens; the last
-        position's logits once the whole prompt is in the cache, else None."""
+        position's logits once the whole prompt is in the cache (only those the sampler could pick,
+        as in a decode step), else None."""
         done = request.cache.length
         end = len(request.prompt) if whole else min(len(request.prompt), done + PREFILL_CHUNK)
-        logits = self.decoder.prefill(request.prompt[done:end], request.cache, request.adapter)
-        return logits[0] if end == len(request.prompt) else None
+        last = end == len(request.prompt)
+        pick = functools.partial(request.sampler.candidates, seen=request.seen, generated=request.generated,
+                                 guarded=guarded)
+        logits = self.decoder.prefill(request.prompt[done:end], request.cache, request.adapter, pick, logits=last)
+        return logits[0] if last else None
 
     def _guarded(self, request: Request) -> torch.Tensor | None:
         """The number guard's mask for the request's next token (None: any number may come)."""

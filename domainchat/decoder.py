@@ -355,17 +355,22 @@ class LeanDecoder:
             base = fused.dense(x) if self.prefill_kernel == "dense" else fused.gemv(x)
         return self._add_lora_one(base, x, group)
 
-    def prefill(self, ids: Sequence[int], cache: KVCache, adapter: str | None) -> torch.Tensor:
-        """Run `ids` after what `cache` holds (one sequence); return the last position's logits [1, V]."""
+    def prefill(self, ids: Sequence[int], cache: KVCache, adapter: str | None, pick: Pick | None = None,
+                logits: bool = True) -> torch.Tensor | None:
+        """Run `ids` after what `cache` holds (one sequence); return the last position's logits [1, V]
+        (with `pick`, only those of the tokens it names, as in `step`), or None without `logits`
+        (a chunk before a prompt's last, a cached prefix)."""
         # Only the layers' products and attention use all intra-op threads; the element-wise work
         # between them runs on one. In a thread other than the one that loaded the model (the
         # batcher's), OpenMP counts more threads than cores and stops spinning between parallel
         # regions, so each short element-wise region waits on a wake-up (an add over 128 x 576:
         # 5 us in the main thread, 20-60 us in another; 8 us there on one thread, measured).
         with intra_op_threads(1):
-            return self._prefill(ids, cache, adapter)
+            hidden = self._prefill(ids, cache, adapter)
+        return self.output(hidden, [pick] if pick is not None else None) if logits else None
 
     def _prefill(self, ids: Sequence[int], cache: KVCache, adapter: str | None) -> torch.Tensor:
+        """The final hidden state [1, H] of the last of `ids`, their key/values added to `cache`."""
         m, start = len(ids), cache.length
         if start + m > cache.capacity:
             raise ValueError(f"{start + m} positions exceed the cache's {cache.capacity}")
@@ -402,7 +407,7 @@ class LeanDecoder:
             gate, up = self._prefill_linear(x, layer.gate_up, groups.get("gate_up")).split(layer.gate_up.splits, -1)
             h.add_(self._prefill_linear(torch.nn.functional.silu(gate) * up, layer.down, groups.get("down")))
         cache.length = start + m
-        return self.output(self._norm(h[-1:], self.final_norm))
+        return self._norm(h[-1:], self.final_norm)
 
     def step(self, tokens: Sequence[int], caches: Sequence[KVCache], adapters: Sequence[str | None],
              pick: Sequence[Pick | None] | None = None) -> torch.Tensor:

@@ -44,12 +44,13 @@ class CountingDecoder:
         logits[(last + 1) % VOCAB] = 1.0
         return logits
 
-    def prefill(self, ids: list[int], cache: FakeCache, adapter: str | None) -> torch.Tensor:
+    def prefill(self, ids: list[int], cache: FakeCache, adapter: str | None, pick=None,
+                logits: bool = True) -> torch.Tensor | None:
         self.prefills.append(len(ids))
         self.trace.append(("prefill", len(ids)))
         cache.length += len(ids)
         cache.last = ids[-1]
-        return self._logits(cache.last).unsqueeze(0)
+        return self._logits(cache.last).unsqueeze(0) if logits else None
 
     def step(self, tokens: list[int], caches: list[FakeCache], adapters: list[str | None],
              pick=None) -> torch.Tensor:  # computes every logit, as a decoder without screening does

@@ -196,6 +196,22 @@ def test_shared_prefix_is_computed_once_and_agrees_with_the_whole_prompt(engine:
         assert float((whole - split).abs().max()) < 3e-2 * float(whole.abs().max())  # as transformers: ~1 %
 
 
+
+def test_prefill_computes_only_the_logits_asked_for(engine: Engine, lean: LeanDecoder) -> None:
+    """With a pick, a prompt's last logits are the whole product's for the tokens it names and -inf
+    elsewhere (as in a decode step); without logits (a chunk before the last, a cached prefix) the
+    cache is filled all the same and nothing is returned."""
+    ids = engine.encode([{"role": "user", "content": "What is a budget?"}])[0].tolist()
+    picked = torch.tensor([5, 17, 300])
+    with torch.no_grad():
+        whole = lean.prefill(ids, lean.new_cache(len(ids)), "alpha")[0]
+        some = lean.prefill(ids, lean.new_cache(len(ids)), "alpha", pick=lambda estimate, radius: picked)[0]
+        cache = lean.new_cache(len(ids))
+        assert lean.prefill(ids, cache, "alpha", logits=False) is None
+    assert cache.length == len(ids)
+    assert torch.equal(torch.isfinite(some).nonzero()[:, 0], picked)
+    assert torch.equal(some[picked], whole[picked])
+
 def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDecoder) -> None:
     short = GenerationParams(max_new_tokens=4, temperature=0.0, no_repeat_ngram=0)
     before = engine.complete(PROMPTS[0], "alpha", short)
