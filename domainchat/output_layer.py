@@ -50,6 +50,20 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # A scale rounded down to bfloat16 can put the largest value at 128: clamped, its error is measured.
     return torch.clamp(torch.round(weight / scales.float().unsqueeze(1)), -127, 127).to(torch.int8), scales
 
+
+def _screen_copy(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The screen's copy of `weight`: int8 rows and their scales where ATen's int8 product is
+    vectorised and takes this shape, else bfloat16 (and None)."""
+    if torch.backends.cpu.get_cpu_capability() in INT8_SCREEN_CAPABILITIES:
+        rows, scales = int8_rows(weight)
+        try:
+            torch.ops.aten._weight_int8pack_mm(torch.zeros(1, weight.shape[1], dtype=torch.bfloat16), rows, scales)
+            return rows, scales
+        except RuntimeError as exc:  # a shape or build the kernel refuses
+            log.info("output layer screen in bfloat16: the int8 product refused this weight (%s)", exc)
+    return weight.to(torch.bfloat16), None
+
+
 Pick = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
@@ -97,12 +111,10 @@ class OutputLayer:
         self.screen_weight: torch.Tensor | None = None  # int8 or bfloat16 [V, H]
         self.screen_scales: torch.Tensor | None = None  # bfloat16 [V] for an int8 copy
         if transposed:
-            if torch.backends.cpu.get_cpu_capability() in INT8_SCREEN_CAPABILITIES:
-                self.screen_weight, self.screen_scales = int8_rows(weight)
-                rounded = self.screen_weight.float() * self.screen_scales.float().unsqueeze(1)
-            else:
-                self.screen_weight = weight.to(torch.bfloat16)
-                rounded = self.screen_weight.float()
+            self.screen_weight, self.screen_scales = _screen_copy(weight)
+            rounded = self.screen_weight.float()
+            if self.screen_scales is not None:
+                rounded *= self.screen_scales.float().unsqueeze(1)
             self._weight_error = (weight - rounded).norm(dim=1)  # ||w_i - copy(w_i)|| per token
             self._weight_norm = torch.maximum(weight.norm(dim=1), rounded.norm(dim=1))
             if not self._exact_rows_agree():

@@ -63,3 +63,19 @@ def test_the_output_layer_screens_and_computes_the_picked_tokens_exactly(
             assert int(picked.sum()) == (5 if row == 0 else len(range(0, 49152, 7)))
             assert torch.equal(logits[row][picked], whole[row][picked])
         assert torch.allclose(logits[1], whole[1], atol=1e-5)  # the whole several-row product
+
+
+def test_the_screen_falls_back_to_bfloat16_when_the_int8_product_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> torch.Tensor:
+        raise RuntimeError("_weight_int8pack_mm: unsupported")
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", refuse)
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 576) * 0.05
+    output = OutputLayer(weight, 2, transposed=True)
+    assert output.screen_weight is not None and output.screen_weight.dtype == torch.bfloat16
+    assert output.screen_scales is None
+    hidden = torch.randn(2, 576)
+    estimate, radius = output.screen(hidden)
+    assert bool(((hidden @ weight.t() - estimate).abs() <= radius).all())
