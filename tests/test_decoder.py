@@ -196,7 +196,6 @@ def test_shared_prefix_is_computed_once_and_agrees_with_the_whole_prompt(engine:
         assert float((whole - split).abs().max()) < 3e-2 * float(whole.abs().max())  # as transformers: ~1 %
 
 
-
 def test_prefill_computes_only_the_logits_asked_for(engine: Engine, lean: LeanDecoder) -> None:
     """With a pick, a prompt's last logits are the whole product's for the tokens it names and -inf
     elsewhere (as in a decode step); without logits (a chunk before the last, a cached prefix) the
@@ -211,6 +210,7 @@ def test_prefill_computes_only_the_logits_asked_for(engine: Engine, lean: LeanDe
     assert cache.length == len(ids)
     assert torch.equal(torch.isfinite(some).nonzero()[:, 0], picked)
     assert torch.equal(some[picked], whole[picked])
+
 
 def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDecoder) -> None:
     short = GenerationParams(max_new_tokens=4, temperature=0.0, no_repeat_ngram=0)
