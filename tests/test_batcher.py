@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from domainchat.batcher import PREFILL_CHUNK, Batcher, PrefixCache, Request
+from domainchat.decoder import PrefillPart
 from domainchat.errors import ModelUnavailable
 from domainchat.generation import GenerationParams
 from domainchat.sampling import Sampler
@@ -33,6 +34,8 @@ class CountingDecoder:
         self.rows_per_step: list[int] = []
         self.prefills: list[int] = []
         self.trace: list[tuple[str, int]] = []  # ("prefill", tokens) and ("step", rows), in order
+        self.shared: list[list[int]] = []  # each prefill_many call's prompt lengths
+        self.refuse: set[int] = set()  # token ids whose prefill fails
         self.gate = step_delay
         self.step_seconds = 0.0
 
@@ -51,6 +54,12 @@ class CountingDecoder:
         cache.length += len(ids)
         cache.last = ids[-1]
         return self._logits(cache.last).unsqueeze(0) if logits else None
+
+    def prefill_many(self, parts: list[PrefillPart]) -> list[torch.Tensor | None]:
+        self.shared.append([len(part.ids) for part in parts])
+        if any(bad in part.ids for part in parts for bad in self.refuse):
+            raise IndexError("a token id the model does not have")
+        return [self.prefill(part.ids, part.cache, part.adapter, part.pick, part.logits) for part in parts]
 
     def step(self, tokens: list[int], caches: list[FakeCache], adapters: list[str | None],
              pick=None) -> torch.Tensor:  # computes every logit, as a decoder without screening does
@@ -158,7 +167,6 @@ def test_prefix_cache_keeps_the_most_recently_used() -> None:
     assert cache.keys() == [("a",), ("c",)]
 
 
-
 def test_a_lone_prompt_is_prefilled_whole() -> None:
     decoder = CountingDecoder()
     batcher = Batcher(decoder, {STOP}, NoNumbers())  # type: ignore[arg-type]
@@ -190,3 +198,62 @@ def test_a_prompt_arriving_while_others_answer_is_prefilled_in_chunks_between_th
     between = decoder.trace[first_chunk:first_chunk + 8]
     # a decode step of the running answer after every chunk; after the last, the newcomer has a row too
     assert between[1::2] == [("step", 1)] * 3 + [("step", 2)]
+
+
+def arrive_during_a_step(decoder: CountingDecoder, prompts: list[list[int]]) -> dict[int, object]:
+    """Each prompt's answer (or the exception it raised) when all arrive while another answer's
+    decode step is running: they wait together for the next round."""
+    gate = threading.Event()
+    decoder.gate = gate
+    batcher = Batcher(decoder, {STOP}, NoNumbers())  # type: ignore[arg-type]
+    results: dict[int, object] = {}
+
+    def consume(index: int) -> None:
+        try:
+            results[index] = list(batcher.run(request(prompts[index])))
+        except Exception as exc:
+            results[index] = exc
+
+    try:
+        running = batcher.run(request([1], GenerationParams(max_new_tokens=40, temperature=0.0,
+                                                             repetition_penalty=1.0, no_repeat_ngram=0)))
+        assert next(running) == 2  # prefilled; its first decode step waits on the gate
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(batcher._pending) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+        running.close()
+    finally:
+        batcher.close()
+    return results
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_call() -> None:
+    decoder = CountingDecoder()
+    results = arrive_during_a_step(decoder, [[10, 11, 12], [20, 21], [30]])
+    assert results == {0: [13, 14, 15, 16, 17], 1: [22, 23, 24, 25, 26], 2: [31, 32, 33, 34, 35]}
+    assert decoder.shared[1] == [3, 2, 1], "the three prompts share one prefill"
+    assert max(decoder.rows_per_step) == 4
+
+
+def test_a_round_prefills_at_most_a_chunk_and_cuts_no_short_prompt() -> None:
+    """Prompts join a round whole while the round stays within PREFILL_CHUNK tokens; one that does
+    not fit waits for the next round rather than being cut (only a prompt longer than a chunk is)."""
+    decoder = CountingDecoder()
+    prompts = [[10, 11, 12], [7] * (PREFILL_CHUNK - 3) + [20], [30, 31, 32, 33], [40]]
+    results = arrive_during_a_step(decoder, prompts)
+    assert all(isinstance(results[i], list) and len(results[i]) == 5 for i in range(4))  # type: ignore[arg-type]
+    assert decoder.shared[1:] == [[3], [PREFILL_CHUNK - 2], [4, 1]]
+
+
+def test_a_request_that_fails_in_a_shared_prefill_fails_alone() -> None:
+    decoder = CountingDecoder()
+    decoder.refuse = {45}
+    results = arrive_during_a_step(decoder, [[10, 11], [45], [30]])
+    assert results[0] == [12, 13, 14, 15, 16] and results[2] == [31, 32, 33, 34, 35]
+    assert isinstance(results[1], IndexError)

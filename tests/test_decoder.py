@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from domainchat.batcher import Request
-from domainchat.decoder import LeanDecoder
+from domainchat.decoder import LeanDecoder, PrefillPart
 from domainchat.engine import Engine
 from domainchat.generation import GenerationParams
 from domainchat.nf4_weights import DequantizedLinear, FusedLinear
@@ -210,6 +210,51 @@ def test_prefill_computes_only_the_logits_asked_for(engine: Engine, lean: LeanDe
     assert cache.length == len(ids)
     assert torch.equal(torch.isfinite(some).nonzero()[:, 0], picked)
     assert torch.equal(some[picked], whole[picked])
+
+
+def prefilled_together_and_alone(engine: Engine, lean: LeanDecoder) -> tuple[list, list]:
+    """(logits, caches) of three sequences prefilled in one call and each alone: one after a cached
+    prefix (padded causal attention), one fresh, one a chunk after a longer start (masked); three
+    adapters."""
+    first, second = (engine.encode(messages)[0].tolist() for messages in PROMPTS)
+    plans = [(first[:9], first[9:], "alpha"), ([], second, None), (second[:30], second[30:36], "beta")]
+    results = []
+    with torch.no_grad():
+        for together in (True, False):
+            caches = []
+            for before, ids, adapter in plans:
+                cache = lean.new_cache(len(before) + len(ids))
+                if before:
+                    lean.prefill(before, cache, adapter, logits=False)
+                caches.append(cache)
+            parts = [PrefillPart(ids, cache, adapter) for (_, ids, adapter), cache in zip(plans, caches, strict=True)]
+            logits = lean.prefill_many(parts) if together else [lean.prefill_many([part])[0] for part in parts]
+            results.append((logits, caches))
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("kernel", ["dense", "gemv"])
+def test_sequences_prefilled_together_get_what_each_gets_alone(engine: Engine, lean: LeanDecoder,
+                                                                kernel: str) -> None:
+    """Prompts prefilled in one call share each matrix's product but get, bit for bit, the logits
+    and key/values each gets alone: a product's row depends only on its input row."""
+    lean.prefill_kernel = kernel
+    try:
+        (together, caches), (alone, alone_caches) = prefilled_together_and_alone(engine, lean)
+    finally:
+        lean.prefill_kernel = "dense"
+    for row in range(3):
+        assert torch.equal(together[row], alone[row]), f"sequence {row}'s logits differ"
+        assert caches[row].length == alone_caches[row].length
+        assert torch.equal(caches[row].keys[:, :, :caches[row].length],
+                           alone_caches[row].keys[:, :, :caches[row].length])
+    assert not torch.equal(together[0], together[1])
+
+
+def test_sequences_prefilled_together_on_the_standard_layout(standard_layout_engine: Engine) -> None:
+    (together, _), (alone, _) = prefilled_together_and_alone(standard_layout_engine, standard_layout_engine._decoder)
+    for row in range(3):
+        assert torch.equal(together[row], alone[row]), f"sequence {row}'s logits differ"
 
 
 def test_a_failing_request_does_not_stop_the_others(engine: Engine, lean: LeanDecoder) -> None:
