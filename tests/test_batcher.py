@@ -257,3 +257,20 @@ def test_a_request_that_fails_in_a_shared_prefill_fails_alone() -> None:
     results = arrive_during_a_step(decoder, [[10, 11], [45], [30]])
     assert results[0] == [12, 13, 14, 15, 16] and results[2] == [31, 32, 33, 34, 35]
     assert isinstance(results[1], IndexError)
+
+
+def test_a_round_plan_takes_whole_prompts_behind_the_first_while_they_fit() -> None:
+    def waiting(length: int, done: int = 0) -> Request:
+        made = request([5] * length)
+        made.cache = FakeCache(length=done)
+        return made
+
+    short, other, long = waiting(39), waiting(39), waiting(3 * PREFILL_CHUNK)
+    plan = Batcher._prefill_plan
+    # nobody answering: the first prompt whole, then whole prompts behind it within a chunk's tokens
+    assert plan([short, other, long], whole=True) == [(short, 39), (other, 39)]
+    assert plan([long, short], whole=True) == [(long, 3 * PREFILL_CHUNK)]
+    # others answering: a long prompt's next chunk alone; its last chunk with what fits after it
+    assert plan([long, short], whole=False) == [(long, PREFILL_CHUNK)]
+    near_end = waiting(3 * PREFILL_CHUNK, done=3 * PREFILL_CHUNK - 60)
+    assert plan([near_end, short, other], whole=False) == [(near_end, 3 * PREFILL_CHUNK), (short, 39)]
