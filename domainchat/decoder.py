@@ -1,14 +1,14 @@
 """Decoder: a lean forward pass for a Llama model held in 4 bits, with a LoRA adapter per sequence.
 
-Owns: which layers are fused (q/k/v as one 4-bit matrix, gate/up as another, so a layer makes
-four matrix calls instead of seven), every adapter's LoRA matrices stacked so that each row of a
-batch can use its own adapter, per-sequence key/value caches, prefill and batched one-token decode
-steps. Where the CPU has AVX512-BF16, bitsandbytes repacks nf4 weights into its CPU tile layout and
-the decoder uses its 4-bit kernel for decode steps and bfloat16 copies for prefill (FusedLinear);
-elsewhere (AVX2) the weights stay in bitsandbytes' standard layout and each product dequantizes
-its matrix to float32 first, as bitsandbytes does for transformers there (DequantizedLinear). Those
-weight forms and bitsandbytes' kernels are nf4_weights.py's; the logits' product is
-output_layer.py's.
+Owns: which layers are fused (q/k/v as one 4-bit matrix, gate/up as another, so a layer makes four
+matrix calls instead of seven), every adapter's LoRA matrices stacked so that each row of a batch
+can use its own adapter, per-sequence key/value caches, prefill (several sequences sharing each
+matrix's product) and batched one-token decode steps. Where the CPU has AVX512-BF16, bitsandbytes
+repacks nf4 weights into its CPU tile layout and the decoder uses its 4-bit kernel for decode steps
+and bfloat16 copies for prefill (FusedLinear); elsewhere (AVX2) the weights stay in bitsandbytes'
+standard layout and each product dequantizes its matrix to float32 first, as bitsandbytes does for
+transformers there (DequantizedLinear). Those weight forms and bitsandbytes' kernels are
+nf4_weights.py's; the logits' product is output_layer.py's.
 
 Why it exists: transformers + peft spend most of a decode step in Python and in many small kernel
 calls, and a batch of four rows costs little more than one row in the 4-bit kernel, so batching

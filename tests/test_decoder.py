@@ -252,6 +252,8 @@ def test_sequences_prefilled_together_get_what_each_gets_alone(engine: Engine, l
 
 
 def test_sequences_prefilled_together_on_the_standard_layout(standard_layout_engine: Engine) -> None:
+    """The float32 product of the standard layout may sum a row differently beside other rows (MKL
+    does on this CPU); the decoder then prefills the sequences one by one, each with its own bits."""
     (together, _), (alone, _) = prefilled_together_and_alone(standard_layout_engine, standard_layout_engine._decoder)
     for row in range(3):
         assert torch.equal(together[row], alone[row]), f"sequence {row}'s logits differ"
