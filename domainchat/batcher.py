@@ -52,7 +52,7 @@ CLOSE_TIMEOUT_S = 30.0  # at most one decode step and one prefill are left to fi
 # prefills, 0.65 s with 128-token chunks and 0.40 s with 64; the last of them waited 5.5 s for its
 # first token, 9.5 s and 11.4 s (each chunk is followed by a decode step; medians of 3, measured).
 PREFILL_CHUNK = 128
-Prefilled = tuple[torch.Tensor, "torch.Tensor | None"]  # a prompt's last logits, its number guard's mask
+Prefilled = tuple[torch.Tensor, torch.Tensor | None]  # a prompt's last logits, its number guard's mask
 
 
 class PrefixCache:
@@ -201,9 +201,7 @@ class Batcher:
                 # 197 us, measured), so only the decoder's products ask for more threads.
                 with intra_op_threads(1):
                     guards = [self._guarded(r) for r in running]
-                    # Each row's sampler names the tokens it could pick; only their logits are computed.
-                    pick = [functools.partial(r.sampler.candidates, seen=r.seen, generated=r.generated, guarded=g)
-                            for r, g in zip(running, guards, strict=True)]
+                    pick = [self._pick(r, g) for r, g in zip(running, guards, strict=True)]
                     with torch.inference_mode():
                         logits = self.decoder.step([r.generated[-1] for r in running], [r.cache for r in running],
                                                    [r.adapter for r in running], pick)
@@ -276,15 +274,20 @@ class Batcher:
         parts, guards = [], []
         for request, end in plan:
             guarded = self._guarded(request)
-            pick = functools.partial(request.sampler.candidates, seen=request.seen, generated=request.generated,
-                                     guarded=guarded)
-            parts.append(PrefillPart(request.prompt[request.cache.length:end], request.cache, request.adapter, pick,
-                                     logits=end == len(request.prompt)))
+            parts.append(PrefillPart(request.prompt[request.cache.length:end], request.cache, request.adapter,
+                                     self._pick(request, guarded), logits=end == len(request.prompt)))
             guards.append(guarded)
         with torch.inference_mode():
             outputs = self.decoder.prefill_many(parts)
         return [(logits[0], guarded) if logits is not None else None
                 for logits, guarded in zip(outputs, guards, strict=True)]
+
+    @staticmethod
+    def _pick(request: Request, guarded: torch.Tensor | None) -> functools.partial:
+        """The request's next-token choice for the decoder's output layer: its sampler names the
+        tokens it could pick, and only their logits are computed (Sampler.candidates)."""
+        return functools.partial(request.sampler.candidates, seen=request.seen, generated=request.generated,
+                                 guarded=guarded)
 
     def _guarded(self, request: Request) -> torch.Tensor | None:
         """The number guard's mask for the request's next token (None: any number may come)."""
